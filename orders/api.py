@@ -1,0 +1,169 @@
+"""HTTP entry point of the orders service (API.md §2)."""
+
+import asyncio
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import ORJSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orders import db, service
+from orders.domain import UNSETTLED, Refused, Status
+from shared.events import Line, Shortage, StoreId
+from shared.paging import decode_cursor, encode_cursor
+from shared.problems import Problem
+
+router = APIRouter(tags=["orders"])
+
+OrderId = Annotated[uuid.UUID, Path(description="the order's id (UUIDv4)")]
+
+
+class OrderIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customer_id: Annotated[str, Field(min_length=1, max_length=64, strict=True)]
+    store_id: StoreId = "default"
+    items: Annotated[list[Line], Field(min_length=1, max_length=100)]
+
+    @field_validator("items")
+    @classmethod
+    def no_sku_twice(cls, items: list[Line]) -> list[Line]:
+        skus = [line.sku for line in items]
+        if len(set(skus)) != len(skus):
+            raise ValueError("a sku may appear only once per order")
+        return items
+
+
+class Order(BaseModel):
+    order_id: uuid.UUID
+    customer_id: str
+    store_id: str
+    items: list[Line]
+    status: Status
+    reason: str | None
+    unavailable: list[Shortage]
+    reserved_until: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderPage(BaseModel):
+    items: list[Order]
+    next_cursor: str | None
+
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/problem+json": {}}}
+    for code, text in {404: "no such order", 409: "not allowed in this status",
+                       410: "the reservation expired", 422: "invalid input"}.items()
+}
+
+
+def _pool(request: Request) -> Any:
+    return request.app.state.pool
+
+
+def _accepted(order: dict[str, Any]) -> ORJSONResponse:
+    return ORJSONResponse(order, status_code=202, headers={"Location": f"/orders/{order['order_id']}"})
+
+
+@router.post("/orders", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
+async def create_order(
+    body: OrderIn,
+    request: Request,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+) -> ORJSONResponse:
+    try:
+        order, _ = await service.create_order(_pool(request), body.model_dump(), idempotency_key)
+    except service.IdempotencyConflict as exc:
+        raise Problem(exc.status_code, exc.detail) from None
+    return _accepted(order)
+
+
+@router.get("/orders/{order_id}", responses={200: {"model": Order}, **PROBLEMS})
+async def get_order(
+    order_id: OrderId,
+    request: Request,
+    wait: Annotated[float, Query(ge=0, le=30, description="long-poll: seconds to wait while pending/confirming")] = 0,
+) -> ORJSONResponse:
+    pool = _pool(request)
+    order = await db.fetch_order(pool, order_id)
+    if order is None:
+        raise Problem(404, f"order {order_id} does not exist")
+    if wait > 0 and order["status"] in UNSETTLED:
+        order = await _wait_for_change(request, order_id, wait) or order
+    return ORJSONResponse(order)
+
+
+async def _wait_for_change(request: Request, order_id: uuid.UUID, wait: float) -> dict[str, Any] | None:
+    waiters = request.app.state.waiters
+    key = str(order_id)
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        future = waiters.register(key)
+        try:
+            # Re-read after registering: a change between the first read and now is not lost.
+            order = await db.fetch_order(_pool(request), order_id)
+            if order is None or order["status"] not in UNSETTLED:
+                return order
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return order
+            try:
+                await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
+            except TimeoutError:
+                return await db.fetch_order(_pool(request), order_id)
+        finally:
+            waiters.discard(key, future)
+
+
+@router.get("/orders", responses={200: {"model": OrderPage}, 422: PROBLEMS[422]})
+async def list_orders(
+    request: Request,
+    customer_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ORJSONResponse:
+    after_time, after_id = None, None
+    if cursor:
+        raw_time, raw_id = decode_cursor(cursor, 2)
+        try:
+            after_time, after_id = datetime.fromisoformat(raw_time), uuid.UUID(raw_id)
+        except (TypeError, ValueError):
+            raise Problem(422, "cursor is not one this service issued") from None
+    rows = await _pool(request).fetch(
+        db.LIST_ORDERS, customer_id, status.value if status else None, after_time, after_id, limit + 1
+    )
+    items = [db.to_order(r) for r in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor(last["created_at"].isoformat(), str(last["order_id"]))
+    return ORJSONResponse({"items": items, "next_cursor": next_cursor})
+
+
+async def _command(request: Request, action: Any, order_id: uuid.UUID) -> ORJSONResponse:
+    try:
+        order = await action(_pool(request), order_id)
+    except service.NotFound:
+        raise Problem(404, f"order {order_id} does not exist") from None
+    except Refused as exc:
+        raise Problem(exc.status_code, exc.detail) from None
+    return _accepted(order)
+
+
+@router.post("/orders/{order_id}/confirm", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
+async def confirm_order(order_id: OrderId, request: Request) -> ORJSONResponse:
+    return await _command(request, service.confirm, order_id)
+
+
+@router.post("/orders/{order_id}/cancel", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
+async def cancel_order(order_id: OrderId, request: Request) -> ORJSONResponse:
+    return await _command(request, service.cancel, order_id)
+
+
+@router.post("/orders/{order_id}/reserve", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
+async def reserve_order(order_id: OrderId, request: Request) -> ORJSONResponse:
+    return await _command(request, service.reserve_again, order_id)

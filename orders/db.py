@@ -1,0 +1,76 @@
+"""Every SQL statement of the orders service, in one place."""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+ORDER_COLUMNS = (
+    "order_id, customer_id, store_id, items, status, reason, unavailable, reserved_until, "
+    "created_at, updated_at"
+)
+
+INSERT_ORDER = f"""
+INSERT INTO orders (order_id, customer_id, store_id, items, status)
+VALUES ($1, $2, $3, $4, 'pending')
+RETURNING {ORDER_COLUMNS}
+"""
+
+SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
+
+LOCK_ORDER = f"SELECT {ORDER_COLUMNS}, attempt FROM orders WHERE order_id = $1 FOR UPDATE"
+
+SET_STATUS = f"""
+UPDATE orders SET status = $2, reason = $3, unavailable = $4, reserved_until = $5,
+                  attempt = $6, updated_at = now()
+WHERE order_id = $1
+RETURNING {ORDER_COLUMNS}
+"""
+
+LIST_ORDERS = f"""
+SELECT {ORDER_COLUMNS} FROM orders
+WHERE ($1::text IS NULL OR customer_id = $1)
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::timestamptz IS NULL OR (created_at, order_id) < ($3, $4::uuid))
+ORDER BY created_at DESC, order_id DESC
+LIMIT $5
+"""
+
+# One key, one request at a time: a concurrent duplicate fails this lock instead of waiting.
+LOCK_IDEMPOTENCY_KEY = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
+SELECT_IDEMPOTENCY_KEY = """
+SELECT request_hash, response FROM idempotency_keys
+WHERE key = $1 AND created_at > now() - interval '24 hours'
+"""
+SAVE_IDEMPOTENCY_KEY = """
+INSERT INTO idempotency_keys (key, request_hash, order_id, response) VALUES ($1, $2, $3, $4)
+ON CONFLICT (key) DO UPDATE
+SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id,
+    response = EXCLUDED.response, created_at = now()
+"""
+PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"
+
+
+def to_order(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "order_id": str(row["order_id"]),
+        "customer_id": row["customer_id"],
+        "store_id": row["store_id"],
+        "items": row["items"],
+        "status": row["status"],
+        "reason": row["reason"],
+        "unavailable": row["unavailable"],
+        "reserved_until": _iso(row["reserved_until"]),
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+async def fetch_order(conn: asyncpg.Connection | asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any] | None:
+    row = await conn.fetchrow(SELECT_ORDER, order_id)
+    return to_order(row) if row else None

@@ -1,0 +1,59 @@
+"""The orders process: HTTP API, the `orders.status` consumer and the outbox relay."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from orders import consumer
+from orders.api import router
+from orders.waiters import StatusWaiters
+from shared.consumer import Consumer
+from shared.db import create_pool
+from shared.logs import configure_logging
+from shared.messaging import ORDERS_STATUS, connect, declare_topology
+from shared.outbox import OutboxRelay
+from shared.settings import get_settings
+from shared.web import create_app, serve
+from shared.health import broker_check, database_check
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    app.state.pool = pool = await create_pool(settings.orders_database_url, settings.db_pool_size)
+    app.state.amqp = amqp = await connect(settings.amqp_url)
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    await channel.set_qos(prefetch_count=settings.prefetch_count)
+    exchange = await declare_topology(channel, settings.delivery_limit)
+    queue = await channel.get_queue(ORDERS_STATUS)
+    status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(pool))
+    relay = OutboxRelay(settings.orders_database_url, pool, exchange)
+    app.state.waiters = waiters = StatusWaiters(settings.orders_database_url)
+    waiters.start()
+    relay.start()
+    await status_consumer.start()
+    try:
+        yield
+    finally:
+        await status_consumer.stop()
+        await relay.stop()
+        await waiters.stop()
+        await amqp.close()
+        await pool.close()
+
+
+def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
+    return {"database": database_check(app.state.pool), "broker": broker_check(app.state.amqp)}
+
+
+def create() -> FastAPI:
+    app = create_app(service="orders", title="Orders", lifespan=lifespan, readiness=readiness)
+    app.include_router(router)
+    return app
+
+
+def run() -> None:
+    settings = get_settings()
+    configure_logging("orders", settings.log_level)
+    serve(create(), settings.orders_port, settings.bind_host, settings.access_log)

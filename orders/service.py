@@ -1,0 +1,167 @@
+"""Use cases of the orders service. Each runs in one transaction that writes the order and the
+event announcing it (outbox) together, so an accepted order is never without its message."""
+
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from asgi_correlation_id import correlation_id
+from prometheus_client import Counter
+
+from orders import db
+from orders.domain import (
+    Refused,
+    Status,
+    apply_stock_answer,
+    check_cancel,
+    check_confirm,
+    check_reserve,
+)
+from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
+from shared.outbox import add_to_outbox
+
+log = logging.getLogger(__name__)
+
+ORDER_STATUS_CHANGES = Counter("orders_status_total", "Orders entering each status", ["status"])
+
+
+class NotFound(Exception):
+    pass
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+async def _announce(conn: asyncpg.Connection, event: Any, order_id: uuid.UUID) -> None:
+    await add_to_outbox(conn, event, str(order_id), correlation_id.get())
+
+
+async def create_order(
+    pool: asyncpg.Pool, body: dict[str, Any], idempotency_key: str | None
+) -> tuple[dict[str, Any], bool]:
+    """Returns the order and whether it was created now (False: an idempotent replay)."""
+    async with pool.acquire() as conn, conn.transaction():
+        digest = request_hash(body)
+        if idempotency_key is not None:
+            if not await conn.fetchval(db.LOCK_IDEMPOTENCY_KEY, idempotency_key):
+                raise IdempotencyConflict(409, "a request with this Idempotency-Key is in flight")
+            seen = await conn.fetchrow(db.SELECT_IDEMPOTENCY_KEY, idempotency_key)
+            if seen is not None:
+                if seen["request_hash"] != digest:
+                    raise IdempotencyConflict(
+                        422, "this Idempotency-Key was used with a different request body"
+                    )
+                return seen["response"], False
+        order_id = uuid.uuid4()
+        row = await conn.fetchrow(
+            db.INSERT_ORDER, order_id, body["customer_id"], body["store_id"], body["items"]
+        )
+        order = db.to_order(row)
+        event = PedidoCriado(
+            order_id=order_id,
+            attempt=1,
+            customer_id=body["customer_id"],
+            store_id=body["store_id"],
+            items=[Line(**item) for item in body["items"]],
+        )
+        await _announce(conn, event, order_id)
+        if idempotency_key is not None:
+            await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest, order_id, order)
+    ORDER_STATUS_CHANGES.labels(Status.PENDING).inc()
+    return order, True
+
+
+async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _lock(conn, order_id)
+        check_confirm(Status(row["status"]), row["reserved_until"], datetime.now(UTC))
+        order = await _set(conn, row, Status.CONFIRMING, reserved_until=row["reserved_until"])
+        await _announce(conn, PedidoConfirmado(order_id=order_id, attempt=row["attempt"]), order_id)
+    return order
+
+
+async def cancel(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _lock(conn, order_id)
+        if not check_cancel(Status(row["status"])):
+            return db.to_order(row)
+        order = await _set(conn, row, Status.CANCELLED)
+        await _announce(conn, PedidoCancelado(order_id=order_id, attempt=row["attempt"]), order_id)
+    return order
+
+
+async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _lock(conn, order_id)
+        check_reserve(Status(row["status"]))
+        attempt = row["attempt"] + 1
+        order = await _set(conn, row, Status.PENDING, attempt=attempt)
+        event = PedidoCriado(
+            order_id=order_id,
+            attempt=attempt,
+            customer_id=row["customer_id"],
+            store_id=row["store_id"],
+            items=[Line(**item) for item in row["items"]],
+        )
+        await _announce(conn, event, order_id)
+    return order
+
+
+async def apply_status(conn: asyncpg.Connection, answer: AtualizarStatus) -> None:
+    """Applies stock's answer; the caller holds the transaction and has checked the inbox."""
+    row = await conn.fetchrow(db.LOCK_ORDER, answer.order_id)
+    if row is None:
+        log.warning("status for an unknown order", extra={"order_id": str(answer.order_id)})
+        return
+    outcome = apply_stock_answer(Status(row["status"]), row["attempt"], answer)
+    if outcome.release_again:
+        # The customer cancelled while stock was holding: make sure the hold is let go.
+        await _announce(conn, PedidoCancelado(order_id=answer.order_id, attempt=answer.attempt), answer.order_id)
+    if outcome.update is None:
+        log.info("status update not applied", extra={
+            "order_id": str(answer.order_id), "update": answer.status, "why": outcome.ignored})
+        return
+    u = outcome.update
+    await _set(conn, row, u.status, reason=u.reason, unavailable=u.unavailable or [],
+               reserved_until=u.reserved_until)
+
+
+async def _lock(conn: asyncpg.Connection, order_id: uuid.UUID) -> asyncpg.Record:
+    row = await conn.fetchrow(db.LOCK_ORDER, order_id)
+    if row is None:
+        raise NotFound(str(order_id))
+    return row
+
+
+async def _set(
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    status: Status,
+    *,
+    reason: str | None = None,
+    unavailable: list[dict[str, Any]] | None = None,
+    reserved_until: datetime | None = None,
+    attempt: int | None = None,
+) -> dict[str, Any]:
+    updated = await conn.fetchrow(
+        db.SET_STATUS, row["order_id"], status.value, reason, unavailable or [], reserved_until,
+        attempt or row["attempt"],
+    )
+    ORDER_STATUS_CHANGES.labels(status.value).inc()
+    return db.to_order(updated)
+
+
+__all__ = ["Refused", "NotFound", "IdempotencyConflict", "create_order", "confirm", "cancel",
+           "reserve_again", "apply_status"]

@@ -1,0 +1,81 @@
+"""asyncpg pools with JSON codecs, the migration runner and the inbox check shared by services."""
+
+import asyncio
+import logging
+from importlib import resources
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_LOCK = 7_000_001  # advisory lock key: one migrator at a time per database
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename,
+            encoder=lambda value: orjson.dumps(value).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30
+    )
+
+
+async def first_delivery(conn: asyncpg.Connection, message_id: str) -> bool:
+    """Records the message in the inbox inside the caller's transaction.
+
+    False means it was handled before: the caller must change nothing. Because the row commits
+    (or rolls back) together with the effect, a redelivery after a crash either finds both or
+    neither."""
+    status = await conn.execute(
+        "INSERT INTO inbox (message_id) VALUES ($1) ON CONFLICT DO NOTHING", message_id
+    )
+    return status.endswith(" 1")
+
+
+async def migrate(dsn: str, package: str) -> list[str]:
+    """Applies `<package>/migrations/*.sql` in name order, each once, each in its own transaction."""
+    files = sorted(
+        (f for f in resources.files(package).joinpath("migrations").iterdir() if f.name.endswith(".sql")),
+        key=lambda f: f.name,
+    )
+    conn = await asyncpg.connect(dsn)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for file in files:
+            if file.name in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(file.read_text())
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", file.name)
+            applied.append(file.name)
+            log.info("migration applied", extra={"migration": file.name, "package": package})
+    finally:
+        await conn.close()
+    return applied
+
+
+async def wait_for_database(dsn: str, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=2)
+            await conn.close()
+            return
+        except (OSError, asyncpg.PostgresError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)

@@ -1,0 +1,312 @@
+"""Local PostgreSQL and RabbitMQ for `make run` and `make test`, with data under `.run/`.
+
+Installs the Debian packages when missing, starts both servers as the project's own processes on
+loopback (or reuses them if already running), creates one role and one database per service and
+applies migrations. `run` then starts the whole system under honcho and, on Ctrl-C/SIGTERM,
+stops everything it started."""
+
+import argparse
+import asyncio
+import glob
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from shared.db import migrate
+from shared.settings import Settings, get_settings
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+NODE = "inventory@localhost"
+
+
+def say(message: str) -> None:
+    print(f"[devenv] {message}", flush=True)
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _is_local(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def _apt_install(*packages: str) -> None:
+    say(f"installing {' '.join(packages)} from the OS packages")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+@dataclass
+class Postgres:
+    run_dir: Path
+    port: int
+
+    @property
+    def home(self) -> Path:
+        return (self.run_dir / "pg").resolve()
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def password_file(self) -> Path:
+        return self.run_dir / "pg-superuser-password"
+
+    def admin_dsn(self, database: str = "postgres") -> str:
+        password = self.password_file.read_text().strip()
+        return f"postgresql://postgres:{password}@127.0.0.1:{self.port}/{database}"
+
+    def bindir(self) -> Path:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            _apt_install("postgresql")
+            found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        return Path(found[-1]).parent
+
+    def _as_postgres(self, *args: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+    def ensure_running(self) -> bool:
+        """True when this call started the server."""
+        if _port_open(self.port):
+            if not self.password_file.exists():
+                raise SystemExit(f"port {self.port} is taken by a PostgreSQL this project did not start; "
+                                 "stop it or point *_DATABASE_URL elsewhere")
+            return False
+        bindir = self.bindir()
+        self.home.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.home, "postgres", "postgres")
+            _ensure_traversable(self.home, "postgres")
+        if not (self.data / "PG_VERSION").exists():
+            self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+            self.password_file.chmod(0o600)
+            pwfile = self.home / "pwfile"
+            pwfile.write_text(self.password_file.read_text())
+            if os.geteuid() == 0:
+                shutil.chown(pwfile, "postgres")
+            subprocess.run(self._as_postgres(
+                str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+                "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+            ), check=True, stdout=subprocess.DEVNULL)
+            pwfile.unlink()
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
+                   "-c max_connections=400 -c shared_buffers=256MB")
+        say(f"starting PostgreSQL on 127.0.0.1:{self.port} (data in {self.data})")
+        subprocess.run(self._as_postgres(
+            str(bindir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data),
+            "-l", str(self.home / "server.log"), "-o", options,
+        ), check=True, stdout=subprocess.DEVNULL)
+        return True
+
+    def stop(self) -> None:
+        say("stopping PostgreSQL")
+        subprocess.run(self._as_postgres(str(self.bindir() / "pg_ctl"), "stop", "-m", "fast", "-D",
+                                         str(self.data)), check=False, stdout=subprocess.DEVNULL)
+
+    async def ensure_database(self, dsn: str, *, fresh: bool = False) -> None:
+        """Creates the role and database named in `dsn`; the role can reach only that database."""
+        parts = urlsplit(dsn)
+        role, password, database = parts.username, parts.password, parts.path.lstrip("/")
+        conn = await asyncpg.connect(self.admin_dsn())
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                await conn.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD {_literal(password or "")}')
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+            if exists and fresh:
+                await conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+                exists = False
+            if not exists:
+                await conn.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
+                await conn.execute(f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC')
+        finally:
+            await conn.close()
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ensure_traversable(path: Path, user: str) -> None:
+    """PostgreSQL runs as `postgres`: every folder above its data must let it pass."""
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            raise SystemExit(f"{parent} is not traversable by the {user} user; "
+                             f"chmod o+x it or set RUN_DIR to a path under /tmp")
+
+
+@dataclass
+class Rabbit:
+    run_dir: Path
+    port: int
+
+    @property
+    def home(self) -> Path:
+        return (self.run_dir / "rabbitmq").resolve()
+
+    def env(self) -> dict[str, str]:
+        home = self.home
+        return {
+            **os.environ,
+            "HOME": str(home),  # the Erlang cookie lives here, shared by server and rabbitmqctl
+            "RABBITMQ_NODENAME": NODE,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.port + 20000),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_MNESIA_BASE": str(home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(home / "log"),
+            "RABBITMQ_CONFIG_FILE": str(home / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(home / "rabbitmq.pid"),
+        }
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", NODE, *args], env=self.env(),
+                              check=check, capture_output=True, text=True)
+
+    def ensure_running(self) -> bool:
+        if not (RABBIT_BIN / "rabbitmq-server").exists():
+            _apt_install("rabbitmq-server")
+        if _port_open(self.port):
+            return False
+        home = self.home
+        (home / "log").mkdir(parents=True, exist_ok=True)
+        (home / "enabled_plugins").write_text("[].\n")
+        (home / "rabbitmq.conf").write_text("loopback_users = none\n")
+        say(f"starting RabbitMQ on 127.0.0.1:{self.port} (data in {home})")
+        with open(home / "server.log", "ab") as log:
+            subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self.env(), stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.ctl("await_startup", "--timeout", "5", check=False).returncode == 0 and _port_open(self.port):
+                return True
+            time.sleep(0.5)
+        raise SystemExit(f"RabbitMQ did not start; see {home / 'server.log'}")
+
+    def stop(self) -> None:
+        say("stopping RabbitMQ")
+        self.ctl("stop", check=False)
+
+    def ensure_vhost(self, vhost: str, user: str = "guest") -> None:
+        self.ctl("add_vhost", vhost, check=False)
+        self.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+    def delete_vhost(self, vhost: str) -> None:
+        self.ctl("delete_vhost", vhost, check=False)
+
+
+def local_servers(settings: Settings) -> tuple[Postgres | None, Rabbit | None]:
+    pg_url = settings.orders_database_url
+    pg = Postgres(settings.run_dir, urlsplit(pg_url).port or 5432) if _is_local(pg_url) else None
+    rabbit = (Rabbit(settings.run_dir, urlsplit(settings.amqp_url).port or 5672)
+              if _is_local(settings.amqp_url) else None)
+    return pg, rabbit
+
+
+def up(settings: Settings) -> list[Postgres | Rabbit]:
+    """Provisions everything; returns the servers this call started."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    pg, rabbit = local_servers(settings)
+    started: list[Postgres | Rabbit] = []
+    if pg is not None and pg.ensure_running():
+        started.append(pg)
+    if rabbit is not None and rabbit.ensure_running():
+        started.append(rabbit)
+
+    async def databases() -> None:
+        for url, package in ((settings.orders_database_url, "orders"), (settings.stock_database_url, "stock")):
+            if pg is not None and _is_local(url):
+                await pg.ensure_database(url)
+            applied = await migrate(url, package)
+            if applied:
+                say(f"{package}: applied {', '.join(applied)}")
+
+    asyncio.run(databases())
+    settings.resolved_admin_token()
+    return started
+
+
+def wait_ready(url: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def run(settings: Settings) -> int:
+    started = up(settings)
+    procfile = Path(__file__).resolve().parent.parent / "Procfile"
+    honcho = Path(sys.executable).parent / "honcho"
+    supervisor = subprocess.Popen(
+        [str(honcho), "-f", str(procfile), "-d", os.getcwd(), "start",
+         "-c", f"stock-worker={settings.stock_workers}"],
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+    )
+    stop = {"requested": False}
+
+    def on_signal(*_: object) -> None:
+        stop["requested"] = True
+        if supervisor.poll() is None:
+            supervisor.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    gateway = f"http://127.0.0.1:{settings.gateway_port}"
+    if wait_ready(gateway + "/health/ready") and not stop["requested"]:
+        token = settings.resolved_admin_token()
+        say(f"ready: {gateway}  (docs: {gateway}/docs)")
+        say(f"orders :{settings.orders_port}, stock API :{settings.stock_port}, "
+            f"{settings.stock_workers} stock worker(s)")
+        say(f"admin token: {token}  (also in {settings.run_dir / 'admin-token'})")
+        say("Ctrl-C stops everything")
+    code = supervisor.wait()
+    for server in reversed(started):
+        server.stop()
+    return code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", choices=["up", "run", "down"])
+    args = parser.parse_args()
+    settings = get_settings()
+    if args.command == "up":
+        up(settings)
+    elif args.command == "run":
+        sys.exit(run(settings))
+    else:
+        pg, rabbit = local_servers(settings)
+        for server in (rabbit, pg):
+            if server is not None:
+                server.stop()
+
+
+if __name__ == "__main__":
+    main()

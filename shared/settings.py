@@ -1,0 +1,65 @@
+"""Settings of every process, read from the environment (names and defaults are the contract)."""
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore")
+
+    gateway_port: int = 8000
+    orders_port: int = 8001
+    stock_port: int = 8002
+    bind_host: str = "127.0.0.1"
+    stock_workers: int = 2
+    reservation_ttl_seconds: float = 1800
+    sweep_interval_seconds: float = 5
+    admin_token: str | None = None
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    orders_database_url: str = "postgresql://orders:orders@127.0.0.1:5432/orders"
+    stock_database_url: str = "postgresql://stock:stock@127.0.0.1:5432/stock"
+
+    # Comma-separated upstream lists for the gateway; empty means the local ports above.
+    orders_urls: str = ""
+    stock_urls: str = ""
+    upstream_timeout_seconds: float = 10.0
+
+    run_dir: Path = Path(".run")
+    log_level: str = "INFO"
+    access_log: bool = False
+    db_pool_size: int = 10
+    prefetch_count: int = 64
+    delivery_limit: int = 5
+    sweep_batch_size: int = 200
+
+    @property
+    def orders_upstreams(self) -> list[str]:
+        return _split(self.orders_urls) or [f"http://127.0.0.1:{self.orders_port}"]
+
+    @property
+    def stock_upstreams(self) -> list[str]:
+        return _split(self.stock_urls) or [f"http://127.0.0.1:{self.stock_port}"]
+
+    def resolved_admin_token(self) -> str:
+        """ADMIN_TOKEN if set, else the token kept in `.run/admin-token` (made on first use)."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.run_dir / "admin-token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,138 @@
+"""HTTP entry point of the stock service (API.md §3): reads are public, writes need the token."""
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import ORJSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from shared.events import Sku, StoreId
+from shared.paging import decode_cursor, encode_cursor
+from shared.problems import Problem
+from stock import admin, db
+from stock.auth import Admin
+
+router = APIRouter(tags=["stock"])
+
+StorePath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+SkuPath = StorePath
+Version = Annotated[int, Field(ge=0, le=2**62, strict=True)]
+
+
+class StockItem(BaseModel):
+    store_id: StoreId
+    sku: Sku
+    on_hand: int
+    reserved: int
+    available: int
+    version: int
+    updated_at: datetime
+
+
+class StockPage(BaseModel):
+    items: list[StockItem]
+    next_cursor: str | None
+
+
+class PutStock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    on_hand: Annotated[int, Field(ge=0, le=admin.MAX_ON_HAND, strict=True)]
+    expected_version: Version | None = None
+
+
+class Restock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quantity: Annotated[int, Field(ge=1, le=1_000_000, strict=True)]
+    expected_version: Version | None = None
+
+
+class Movement(BaseModel):
+    kind: str
+    on_hand_delta: int
+    reserved_delta: int
+    on_hand: int
+    reserved: int
+    order_id: str | None
+    version: int
+    at: datetime
+
+
+class MovementPage(BaseModel):
+    items: list[Movement]
+    next_cursor: str | None
+
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/problem+json": {}}}
+    for code, text in {401: "no bearer token", 403: "wrong token", 404: "no such item",
+                       409: "version mismatch or conflict", 422: "invalid input"}.items()
+}
+
+
+def _pool(request: Request) -> Any:
+    return request.app.state.pool
+
+
+@router.get("/stores/{store_id}/stock/{sku}", responses={200: {"model": StockItem}, **PROBLEMS})
+async def get_item(
+    store_id: StorePath, sku: SkuPath, request: Request,
+    as_of: Annotated[AwareDatetime | None, Query(description="ISO-8601 with offset")] = None,
+) -> ORJSONResponse:
+    if as_of is None:
+        row = await _pool(request).fetchrow(db.SELECT_ITEM, store_id, sku)
+    else:
+        row = await _pool(request).fetchrow(db.ITEM_AS_OF, store_id, sku, as_of)
+    if row is None:
+        raise Problem(404, f"no stock item {store_id}/{sku}" + (f" as of {as_of.isoformat()}" if as_of else ""))
+    return ORJSONResponse(db.to_item(row))
+
+
+@router.get("/stores/{store_id}/stock", responses={200: {"model": StockPage}, **PROBLEMS})
+async def list_items(
+    store_id: StorePath, request: Request,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ORJSONResponse:
+    after = str(decode_cursor(cursor, 1)[0]) if cursor else None
+    rows = await _pool(request).fetch(db.LIST_ITEMS, store_id, after, limit + 1)
+    next_cursor = encode_cursor(rows[limit - 1]["sku"]) if len(rows) > limit else None
+    return ORJSONResponse({"items": [db.to_item(r) for r in rows[:limit]], "next_cursor": next_cursor})
+
+
+@router.put("/stores/{store_id}/stock/{sku}", dependencies=[Admin],
+            responses={200: {"model": StockItem}, 201: {"model": StockItem}, **PROBLEMS})
+async def put_item(store_id: StorePath, sku: SkuPath, body: PutStock, request: Request) -> ORJSONResponse:
+    item, created = await admin.put_item(
+        _pool(request), store_id, sku, body.on_hand, body.expected_version,
+        "expected_version" in body.model_fields_set,
+    )
+    return ORJSONResponse(item, status_code=201 if created else 200)
+
+
+@router.post("/stores/{store_id}/stock/{sku}/restock", dependencies=[Admin],
+             responses={200: {"model": StockItem}, **PROBLEMS})
+async def restock(store_id: StorePath, sku: SkuPath, body: Restock, request: Request) -> ORJSONResponse:
+    item = await admin.restock(_pool(request), store_id, sku, body.quantity, body.expected_version)
+    return ORJSONResponse(item)
+
+
+@router.get("/stores/{store_id}/stock/{sku}/movements", responses={200: {"model": MovementPage}, **PROBLEMS})
+async def list_movements(
+    store_id: StorePath, sku: SkuPath, request: Request,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ORJSONResponse:
+    after = decode_cursor(cursor, 1)[0] if cursor else 0
+    if not isinstance(after, int):
+        raise Problem(422, "cursor is not one this service issued")
+    pool = _pool(request)
+    rows = await pool.fetch(db.LIST_MOVEMENTS, store_id, sku, after, limit + 1)
+    if not rows and after == 0 and await pool.fetchrow(db.SELECT_ITEM, store_id, sku) is None:
+        raise Problem(404, f"no stock item {store_id}/{sku}")
+    items = [
+        {**dict(r), "order_id": str(r["order_id"]) if r["order_id"] else None, "at": r["at"].isoformat()}
+        for r in rows[:limit]
+    ]
+    next_cursor = encode_cursor(rows[limit - 1]["version"]) if len(rows) > limit else None
+    return ORJSONResponse({"items": items, "next_cursor": next_cursor})

@@ -1,0 +1,173 @@
+"""Every SQL statement of the stock service, in one place.
+
+Lock order (the one rule that keeps concurrent transactions deadlock-free): first the
+`stock_order` row(s) of the orders involved, then `stock_item` rows in (store_id, sku) order,
+always taken up front by the LOCK_* statements below before any item is changed."""
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from stock.domain import Change, Figures
+
+ITEM_COLUMNS = "store_id, sku, on_hand, reserved, on_hand - reserved AS available, version, updated_at"
+
+LOCK_ITEMS_OF_STORE = """
+SELECT sku, on_hand, reserved FROM stock_item
+WHERE store_id = $1 AND sku = ANY($2::text[])
+ORDER BY store_id, sku
+FOR UPDATE
+"""
+
+LOCK_ITEMS_ANYWHERE = """
+SELECT store_id, sku FROM stock_item
+WHERE (store_id, sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY store_id, sku
+FOR UPDATE
+"""
+
+# Applies deltas to items of one store, appends one ledger movement per item and announces
+# each change (EstoqueAlterado) through the outbox, all in one statement. `at` takes the
+# clock after the row lock and never goes below the previous change, so the ledger's times
+# never decrease along its versions.
+APPLY_CHANGES = """
+WITH change AS (
+    SELECT * FROM unnest($2::text[], $3::int[], $4::int[]) AS c(sku, on_hand_delta, reserved_delta)
+), updated AS (
+    UPDATE stock_item s
+    SET on_hand = s.on_hand + c.on_hand_delta,
+        reserved = s.reserved + c.reserved_delta,
+        version = s.version + 1,
+        updated_at = greatest(clock_timestamp(), s.updated_at)
+    FROM change c
+    WHERE s.store_id = $1 AND s.sku = c.sku
+    RETURNING s.store_id, s.sku, s.on_hand, s.reserved, s.version, s.updated_at,
+              c.on_hand_delta, c.reserved_delta
+), ledger AS (
+    INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
+                          on_hand, reserved, order_id, at)
+    SELECT store_id, sku, version, $5, on_hand_delta, reserved_delta, on_hand, reserved, $6::uuid,
+           updated_at
+    FROM updated
+), event AS (
+    SELECT gen_random_uuid() AS event_id, u.* FROM updated u
+), announced AS (
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+    SELECT event_id, 'EstoqueAlterado', $6::uuid::text, $7, jsonb_build_object(
+        'event_id', event_id, 'event_type', 'EstoqueAlterado', 'occurred_at', updated_at,
+        'store_id', store_id, 'sku', sku, 'on_hand', on_hand, 'reserved', reserved,
+        'available', on_hand - reserved, 'version', version, 'kind', $5::text)
+    FROM event
+)
+SELECT store_id, sku, on_hand, reserved, on_hand - reserved AS available, version, updated_at
+FROM updated ORDER BY sku
+"""
+
+CREATE_ITEM = f"""
+WITH created AS (
+    INSERT INTO stock_item (store_id, sku, on_hand, reserved, version, updated_at)
+    VALUES ($1, $2, $3, 0, 1, clock_timestamp())
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), ledger AS (
+    INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
+                          on_hand, reserved, order_id, at)
+    SELECT store_id, sku, 1, 'created', on_hand, 0, on_hand, 0, NULL, updated_at FROM created
+), announced AS (
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+    SELECT e, 'EstoqueAlterado', NULL, $4, jsonb_build_object(
+        'event_id', e, 'event_type', 'EstoqueAlterado', 'occurred_at', updated_at,
+        'store_id', store_id, 'sku', sku, 'on_hand', on_hand, 'reserved', 0,
+        'available', on_hand, 'version', 1, 'kind', 'created')
+    FROM created, gen_random_uuid() AS e
+)
+SELECT {ITEM_COLUMNS} FROM created
+"""
+
+LOCK_ITEM = f"SELECT {ITEM_COLUMNS} FROM stock_item WHERE store_id = $1 AND sku = $2 FOR UPDATE"
+SELECT_ITEM = f"SELECT {ITEM_COLUMNS} FROM stock_item WHERE store_id = $1 AND sku = $2"
+LIST_ITEMS = f"""
+SELECT {ITEM_COLUMNS} FROM stock_item
+WHERE store_id = $1 AND ($2::text IS NULL OR sku > $2)
+ORDER BY sku LIMIT $3
+"""
+ITEM_AS_OF = """
+SELECT store_id, sku, on_hand, reserved, on_hand - reserved AS available, version, at AS updated_at
+FROM movement
+WHERE store_id = $1 AND sku = $2 AND at <= $3
+ORDER BY at DESC, version DESC LIMIT 1
+"""
+LIST_MOVEMENTS = """
+SELECT kind, on_hand_delta, reserved_delta, on_hand, reserved, order_id, version, at
+FROM movement
+WHERE store_id = $1 AND sku = $2 AND version > $3
+ORDER BY version LIMIT $4
+"""
+
+LOCK_STOCK_ORDER = "SELECT order_id, store_id, attempt, state, expires_at FROM stock_order WHERE order_id = $1 FOR UPDATE"
+SAVE_STOCK_ORDER = """
+INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, now())
+ON CONFLICT (order_id) DO UPDATE
+SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
+    updated_at = now()
+"""
+INSERT_HOLD_LINES = """
+INSERT INTO reservation (order_id, store_id, sku, quantity)
+SELECT $1, $2, sku, quantity FROM unnest($3::text[], $4::int[]) AS l(sku, quantity)
+"""
+TAKE_HOLD_LINES = "DELETE FROM reservation WHERE order_id = $1 RETURNING sku, quantity"
+SELECT_HOLD_LINES = """
+SELECT order_id, store_id, sku, quantity FROM reservation WHERE order_id = ANY($1::uuid[])
+"""
+CLAIM_EXPIRED = """
+SELECT order_id, store_id, attempt FROM stock_order
+WHERE state = 'held' AND expires_at <= clock_timestamp()
+ORDER BY expires_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+EXPIRES_AT = "SELECT clock_timestamp() + make_interval(secs => $1)"
+NOW = "SELECT clock_timestamp()"
+
+
+async def lock_items_of_store(
+    conn: asyncpg.Connection, store_id: str, skus: Sequence[str]
+) -> dict[str, Figures]:
+    rows = await conn.fetch(LOCK_ITEMS_OF_STORE, store_id, sorted(skus))
+    return {r["sku"]: Figures(r["on_hand"], r["reserved"]) for r in rows}
+
+
+async def apply_changes(
+    conn: asyncpg.Connection,
+    store_id: str,
+    kind: str,
+    changes: Sequence[Change],
+    order_id: uuid.UUID | None,
+    request_id: str | None,
+) -> list[asyncpg.Record]:
+    """The one place an existing item changes. The caller holds the items' locks."""
+    return await conn.fetch(
+        APPLY_CHANGES,
+        store_id,
+        [c.sku for c in changes],
+        [c.on_hand_delta for c in changes],
+        [c.reserved_delta for c in changes],
+        kind,
+        order_id,
+        request_id,
+    )
+
+
+def to_item(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "store_id": row["store_id"],
+        "sku": row["sku"],
+        "on_hand": row["on_hand"],
+        "reserved": row["reserved"],
+        "available": row["available"],
+        "version": row["version"],
+        "updated_at": row["updated_at"].isoformat(),
+    }

@@ -1,0 +1,86 @@
+"""A stock worker process: consumes `stock.orders`, sweeps expired holds, relays its outbox.
+
+Run as many as you like (`STOCK_WORKERS`): the queue spreads orders among them, row locks keep
+them from overselling, SKIP LOCKED keeps their sweeps apart, and one relay leads at a time."""
+
+import asyncio
+import logging
+import signal
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from shared.consumer import Consumer, parse_json
+from shared.db import create_pool, first_delivery
+from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
+from shared.messaging import STOCK_ORDERS, connect, declare_topology
+from shared.outbox import OutboxRelay
+from shared.settings import Settings, get_settings
+from stock.holds import on_order_cancelled, on_order_confirmed, on_order_created, sweep_expired
+
+log = logging.getLogger(__name__)
+
+Command = PedidoCriado | PedidoConfirmado | PedidoCancelado
+
+
+def parse(message: AbstractIncomingMessage) -> Command:
+    body = parse_json(message)
+    if message.type and body.get("event_type", message.type) != message.type:
+        raise ValueError(f"message type {message.type!r} does not match its body")
+    return stock_command_adapter.validate_python(body)
+
+
+def handler(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-untyped-def]
+    async def handle(cmd: Command, message_id: str) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            if not await first_delivery(conn, message_id):
+                return
+            if isinstance(cmd, PedidoCriado):
+                await on_order_created(conn, cmd, settings.reservation_ttl_seconds)
+            elif isinstance(cmd, PedidoConfirmado):
+                await on_order_confirmed(conn, cmd)
+            else:
+                await on_order_cancelled(conn, cmd)
+
+    return handle
+
+
+async def sweep_forever(pool: asyncpg.Pool, settings: Settings, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        try:
+            while await sweep_expired(pool, settings.sweep_batch_size) == settings.sweep_batch_size:
+                pass  # a full batch: more may be waiting
+        except Exception:
+            log.warning("expiry sweep failed; trying again next interval", exc_info=True)
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=settings.sweep_interval_seconds)
+        except TimeoutError:
+            pass
+
+
+async def main() -> None:
+    settings = get_settings()
+    pool = await create_pool(settings.stock_database_url, settings.db_pool_size)
+    amqp = await connect(settings.amqp_url)
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    await channel.set_qos(prefetch_count=settings.prefetch_count)
+    exchange = await declare_topology(channel, settings.delivery_limit)
+    queue = await channel.get_queue(STOCK_ORDERS)
+    consumer = Consumer(queue, channel, parse, handler(pool, settings))
+    relay = OutboxRelay(settings.stock_database_url, pool, exchange)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    relay.start()
+    sweeper = asyncio.create_task(sweep_forever(pool, settings, stopping))
+    await consumer.start()
+    log.info("stock worker consuming", extra={"queue": STOCK_ORDERS})
+    await stopping.wait()
+    # Graceful: stop taking work, finish and ack what is in hand, publish what was written.
+    log.info("stock worker stopping")
+    await consumer.stop()
+    await sweeper
+    await relay.stop()
+    await amqp.close()
+    await pool.close()

@@ -6,7 +6,6 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
-from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orders import db, service
@@ -14,6 +13,7 @@ from orders.domain import UNSETTLED, Refused, Status
 from shared.events import Line, Shortage, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
+from shared.web import JSONResponse
 
 router = APIRouter(tags=["orders"])
 
@@ -64,8 +64,8 @@ def _pool(request: Request) -> Any:
     return request.app.state.pool
 
 
-def _accepted(order: dict[str, Any]) -> ORJSONResponse:
-    return ORJSONResponse(order, status_code=202, headers={"Location": f"/orders/{order['order_id']}"})
+def _accepted(order: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(order, status_code=202, headers={"Location": f"/orders/{order['order_id']}"})
 
 
 @router.post("/orders", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
@@ -73,7 +73,7 @@ async def create_order(
     body: OrderIn,
     request: Request,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
-) -> ORJSONResponse:
+) -> JSONResponse:
     try:
         order, _ = await service.create_order(_pool(request), body.model_dump(), idempotency_key)
     except service.IdempotencyConflict as exc:
@@ -86,14 +86,14 @@ async def get_order(
     order_id: OrderId,
     request: Request,
     wait: Annotated[float, Query(ge=0, le=30, description="long-poll: seconds to wait while pending/confirming")] = 0,
-) -> ORJSONResponse:
+) -> JSONResponse:
     pool = _pool(request)
     order = await db.fetch_order(pool, order_id)
     if order is None:
         raise Problem(404, f"order {order_id} does not exist")
     if wait > 0 and order["status"] in UNSETTLED:
         order = await _wait_for_change(request, order_id, wait) or order
-    return ORJSONResponse(order)
+    return JSONResponse(order)
 
 
 async def _wait_for_change(request: Request, order_id: uuid.UUID, wait: float) -> dict[str, Any] | None:
@@ -125,7 +125,7 @@ async def list_orders(
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> ORJSONResponse:
+) -> JSONResponse:
     after_time, after_id = None, None
     if cursor:
         raw_time, raw_id = decode_cursor(cursor, 2)
@@ -141,10 +141,10 @@ async def list_orders(
     if len(rows) > limit:
         last = rows[limit - 1]
         next_cursor = encode_cursor(last["created_at"].isoformat(), str(last["order_id"]))
-    return ORJSONResponse({"items": items, "next_cursor": next_cursor})
+    return JSONResponse({"items": items, "next_cursor": next_cursor})
 
 
-async def _command(request: Request, action: Any, order_id: uuid.UUID) -> ORJSONResponse:
+async def _command(request: Request, action: Any, order_id: uuid.UUID) -> JSONResponse:
     try:
         order = await action(_pool(request), order_id)
     except service.NotFound:
@@ -155,15 +155,15 @@ async def _command(request: Request, action: Any, order_id: uuid.UUID) -> ORJSON
 
 
 @router.post("/orders/{order_id}/confirm", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
-async def confirm_order(order_id: OrderId, request: Request) -> ORJSONResponse:
+async def confirm_order(order_id: OrderId, request: Request) -> JSONResponse:
     return await _command(request, service.confirm, order_id)
 
 
 @router.post("/orders/{order_id}/cancel", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
-async def cancel_order(order_id: OrderId, request: Request) -> ORJSONResponse:
+async def cancel_order(order_id: OrderId, request: Request) -> JSONResponse:
     return await _command(request, service.cancel, order_id)
 
 
 @router.post("/orders/{order_id}/reserve", status_code=202, responses={202: {"model": Order}, **PROBLEMS})
-async def reserve_order(order_id: OrderId, request: Request) -> ORJSONResponse:
+async def reserve_order(order_id: OrderId, request: Request) -> JSONResponse:
     return await _command(request, service.reserve_again, order_id)

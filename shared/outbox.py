@@ -31,7 +31,7 @@ VALUES ($1, $2, $3, $4, $5::jsonb)
 async def add_to_outbox(
     conn: asyncpg.Connection, event: Event, correlation_id: str | None, request_id: str | None
 ) -> None:
-    body = event.model_dump_json()
+    body = event.model_dump(mode="json")
     await conn.execute(
         INSERT_OUTBOX, event.event_id, event.event_type, correlation_id, request_id, body  # type: ignore[attr-defined]
     )

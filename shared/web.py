@@ -12,7 +12,6 @@ import uvicorn
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +33,15 @@ HTTP_LATENCY = Histogram(
 )
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+class JSONResponse(Response):
+    """JSON rendered by orjson: several times faster than the standard library on our bodies."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class RequestGuard:
@@ -159,7 +167,7 @@ def create_app(
     body_types: dict[str, tuple[str, ...]] | None = None,
     check_content_type: bool = True,
 ) -> FastAPI:
-    app = FastAPIOffline(title=title, lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPIOffline(title=title, lifespan=lifespan, default_response_class=JSONResponse)
     install_problem_handlers(app)
 
     @app.get("/health/live", tags=["health"])
@@ -179,7 +187,7 @@ def create_app(
             body = {"type": "/problems/not-ready", "title": "Service Unavailable", "status": 503,
                     "detail": detail, "checks": down}
             return Response(orjson.dumps(body), 503, media_type="application/problem+json")
-        return ORJSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     async def metrics() -> Response:

@@ -4,12 +4,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import ORJSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from shared.events import Sku, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
+from shared.web import JSONResponse
 from stock import admin, db
 from stock.auth import Admin
 
@@ -78,14 +78,14 @@ def _pool(request: Request) -> Any:
 async def get_item(
     store_id: StorePath, sku: SkuPath, request: Request,
     as_of: Annotated[AwareDatetime | None, Query(description="ISO-8601 with offset")] = None,
-) -> ORJSONResponse:
+) -> JSONResponse:
     if as_of is None:
         row = await _pool(request).fetchrow(db.SELECT_ITEM, store_id, sku)
     else:
         row = await _pool(request).fetchrow(db.ITEM_AS_OF, store_id, sku, as_of)
     if row is None:
         raise Problem(404, f"no stock item {store_id}/{sku}" + (f" as of {as_of.isoformat()}" if as_of else ""))
-    return ORJSONResponse(db.to_item(row))
+    return JSONResponse(db.to_item(row))
 
 
 @router.get("/stores/{store_id}/stock", responses={200: {"model": StockPage}, **PROBLEMS})
@@ -93,28 +93,28 @@ async def list_items(
     store_id: StorePath, request: Request,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> ORJSONResponse:
+) -> JSONResponse:
     after = str(decode_cursor(cursor, 1)[0]) if cursor else None
     rows = await _pool(request).fetch(db.LIST_ITEMS, store_id, after, limit + 1)
     next_cursor = encode_cursor(rows[limit - 1]["sku"]) if len(rows) > limit else None
-    return ORJSONResponse({"items": [db.to_item(r) for r in rows[:limit]], "next_cursor": next_cursor})
+    return JSONResponse({"items": [db.to_item(r) for r in rows[:limit]], "next_cursor": next_cursor})
 
 
 @router.put("/stores/{store_id}/stock/{sku}", dependencies=[Admin],
             responses={200: {"model": StockItem}, 201: {"model": StockItem}, **PROBLEMS})
-async def put_item(store_id: StorePath, sku: SkuPath, body: PutStock, request: Request) -> ORJSONResponse:
+async def put_item(store_id: StorePath, sku: SkuPath, body: PutStock, request: Request) -> JSONResponse:
     item, created = await admin.put_item(
         _pool(request), store_id, sku, body.on_hand, body.expected_version,
         "expected_version" in body.model_fields_set,
     )
-    return ORJSONResponse(item, status_code=201 if created else 200)
+    return JSONResponse(item, status_code=201 if created else 200)
 
 
 @router.post("/stores/{store_id}/stock/{sku}/restock", dependencies=[Admin],
              responses={200: {"model": StockItem}, **PROBLEMS})
-async def restock(store_id: StorePath, sku: SkuPath, body: Restock, request: Request) -> ORJSONResponse:
+async def restock(store_id: StorePath, sku: SkuPath, body: Restock, request: Request) -> JSONResponse:
     item = await admin.restock(_pool(request), store_id, sku, body.quantity, body.expected_version)
-    return ORJSONResponse(item)
+    return JSONResponse(item)
 
 
 @router.get("/stores/{store_id}/stock/{sku}/movements", responses={200: {"model": MovementPage}, **PROBLEMS})
@@ -122,7 +122,7 @@ async def list_movements(
     store_id: StorePath, sku: SkuPath, request: Request,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> ORJSONResponse:
+) -> JSONResponse:
     after = decode_cursor(cursor, 1)[0] if cursor else 0
     if not isinstance(after, int):
         raise Problem(422, "cursor is not one this service issued")
@@ -135,4 +135,4 @@ async def list_movements(
         for r in rows[:limit]
     ]
     next_cursor = encode_cursor(rows[limit - 1]["version"]) if len(rows) > limit else None
-    return ORJSONResponse({"items": items, "next_cursor": next_cursor})
+    return JSONResponse({"items": items, "next_cursor": next_cursor})

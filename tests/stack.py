@@ -1,0 +1,190 @@
+"""A whole running system for end-to-end tests: its own databases, RabbitMQ vhost and ports,
+real processes (gateway, orders, stock API, N stock workers), started and stopped by the tests."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import httpx
+
+from shared.db import migrate
+from shared.devenv import Postgres, Rabbit, local_servers, up, wait_ready
+from shared.messaging import EXCHANGE, build_message
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _with_db(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _with_vhost(url: str, vhost: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{vhost}"))
+
+
+@dataclass
+class Stack:
+    name: str
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    workers: int = 3
+    settings: Settings = field(default_factory=Settings)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    admin_token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        self.pg, self.rabbit = local_servers(self.settings)
+        assert self.pg is not None and self.rabbit is not None, "tests need the local servers"
+        self.orders_dsn = _with_db(self.settings.orders_database_url, f"orders_{self.name}")
+        self.stock_dsn = _with_db(self.settings.stock_database_url, f"stock_{self.name}")
+        self.amqp_url = _with_vhost(self.settings.amqp_url, f"test-{self.name}")
+        self.ports = {"gateway": free_port(), "orders": free_port(), "stock": free_port()}
+        self.log_dir = self.settings.run_dir.resolve() / "test-logs" / self.name
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "GATEWAY_PORT": str(self.ports["gateway"]),
+            "ORDERS_PORT": str(self.ports["orders"]),
+            "STOCK_PORT": str(self.ports["stock"]),
+            "AMQP_URL": self.amqp_url,
+            "ORDERS_DATABASE_URL": self.orders_dsn,
+            "STOCK_DATABASE_URL": self.stock_dsn,
+            "ADMIN_TOKEN": self.admin_token,
+            "RUN_DIR": str(self.settings.run_dir.resolve()),
+            **self.env_overrides,
+        }
+
+    def provision(self) -> None:
+        pg, rabbit = self.pg, self.rabbit
+        assert pg is not None and rabbit is not None
+        rabbit.delete_vhost(f"test-{self.name}")
+        rabbit.ensure_vhost(f"test-{self.name}")
+
+        async def databases() -> None:
+            await pg.ensure_database(self.orders_dsn, fresh=True)
+            await pg.ensure_database(self.stock_dsn, fresh=True)
+            await migrate(self.orders_dsn, "orders")
+            await migrate(self.stock_dsn, "stock")
+
+        asyncio.run(databases())
+
+    def start(self) -> "Stack":
+        self.provision()
+        for name, command in (("orders", "orders-service"), ("stock-api", "stock-api")):
+            self.start_process(name, command)
+        for i in range(self.workers):
+            self.start_worker(i)
+        self.start_process("gateway", "gateway")
+        for port in self.ports.values():
+            if not wait_ready(f"http://127.0.0.1:{port}/health/ready", timeout=60):
+                raise RuntimeError(f"stack {self.name} did not get ready; logs in {self.log_dir}")
+        return self
+
+    def start_process(self, name: str, command: str, extra_env: dict[str, str] | None = None) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [str(BIN / command)], env={**self.env(), **(extra_env or {})}, cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    def start_worker(self, index: int) -> None:
+        self.start_process(f"worker-{index}", "stock-worker")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+        self.destroy()
+
+    def destroy(self) -> None:
+        """Drops the stack's databases and vhost so repeated local runs leave nothing behind."""
+        pg, rabbit = self.pg, self.rabbit
+        assert pg is not None and rabbit is not None
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(pg.admin_dsn())
+            try:
+                for dsn in (self.orders_dsn, self.stock_dsn):
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{urlsplit(dsn).path.lstrip("/")}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+        rabbit.delete_vhost(f"test-{self.name}")
+
+    # ----- clients -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        return httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits, **kwargs)
+
+    async def stock_db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.stock_dsn)
+
+    async def orders_db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.orders_dsn)
+
+    async def publish_raw(
+        self, body: bytes, event_type: str, message_id: str, routing_key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Publishes a message as a producer would (for redelivery and poison tests)."""
+        connection = await aio_pika.connect(self.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(EXCHANGE)
+            message = build_message(body=body, event_id=message_id, event_type=event_type,
+                                    correlation_id=correlation_id, request_id=None)
+            await exchange.publish(message, routing_key=routing_key or event_type)
+
+
+def ensure_infrastructure() -> Settings:
+    """`make test` already provisioned; this lets `pytest` alone work too."""
+    settings = Settings()
+    up(settings)
+    return settings
+
+
+__all__ = ["Stack", "ensure_infrastructure", "Postgres", "Rabbit"]

@@ -86,7 +86,8 @@ def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
 
 def create() -> FastAPI:
     app = create_app(service="gateway", title="Inventory gateway", lifespan=lifespan,
-                     readiness=readiness, check_content_type=False)
+                     readiness=readiness, check_content_type=False,
+                     body_limits={"/stock/import": get_settings().import_max_bytes})
 
     async def to_orders(request: Request) -> Response:
         return await forward(app.state.session, app.state.upstreams["orders"], request, app.state.timeout)

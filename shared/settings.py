@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     prefetch_count: int = 64
     delivery_limit: int = 5
     sweep_batch_size: int = 200
+    sse_ping_seconds: float = 15
+    import_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def orders_upstreams(self) -> list[str]:

@@ -49,8 +49,15 @@ class RequestGuard:
     Content-Type the route does not take (415). Counts streamed bytes too, since
     Content-Length may be absent or lie."""
 
-    def __init__(self, app: ASGIApp, body_types: dict[str, tuple[str, ...]] | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        body_types: dict[str, tuple[str, ...]] | None,
+        body_limits: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
+        # path prefix -> its own size limit (a bulk import is larger than any JSON request)
+        self.body_limits = body_limits or {}
         # path prefix -> accepted media types (default JSON); None: the size check only
         self.body_types = body_types
 
@@ -60,8 +67,10 @@ class RequestGuard:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            await _answer(send, 413, "request body is larger than 1 MiB")
+        limit = next((n for p, n in self.body_limits.items() if scope["path"].startswith(p)), MAX_BODY_BYTES)
+        too_large = f"request body is larger than {limit // 1024 // 1024} MiB"
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _answer(send, 413, too_large)
             return
         has_body = length not in (None, b"0") or b"transfer-encoding" in headers
         if has_body and self.body_types is not None and not self._type_ok(scope["path"], headers.get(b"content-type", b"")):
@@ -75,8 +84,8 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > MAX_BODY_BYTES:
-                    raise Problem(413, "request body is larger than 1 MiB")
+                if seen > limit:
+                    raise Problem(413, too_large)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -165,6 +174,7 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     readiness: Callable[[FastAPI], dict[str, ReadinessCheck]],
     body_types: dict[str, tuple[str, ...]] | None = None,
+    body_limits: dict[str, int] | None = None,
     check_content_type: bool = True,
 ) -> FastAPI:
     app = FastAPIOffline(title=title, lifespan=lifespan, default_response_class=JSONResponse)
@@ -193,7 +203,8 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(RequestGuard, body_types=(body_types or {}) if check_content_type else None)
+    app.add_middleware(RequestGuard, body_types=(body_types or {}) if check_content_type else None,
+                       body_limits=body_limits)
     app.add_middleware(Metrics, service=service)
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID", validator=None)
     return app

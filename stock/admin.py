@@ -25,7 +25,7 @@ async def put_item(
                     raise Problem(422, "expected_version is required to change an existing item",
                                   errors=[{"loc": "body.expected_version", "msg": "field required"}])
                 raise Problem(409, f"{store_id}/{sku} exists; send its current version to change it")
-            row = await conn.fetchrow(db.CREATE_ITEM, store_id, sku, on_hand, correlation_id.get())
+            row = await conn.fetchrow(db.CREATE_ITEMS, [store_id], [sku], [on_hand], correlation_id.get())
             if row is None:  # created concurrently between our read and insert
                 raise Problem(409, f"{store_id}/{sku} was just created by another request")
             return db.to_item(row), True

@@ -3,14 +3,16 @@
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
+from sse_starlette import EventSourceResponse
+from asgi_correlation_id import correlation_id
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from shared.events import Sku, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
 from shared.web import JSONResponse
-from stock import admin, db
+from stock import admin, db, imports
 from stock.auth import Admin
 
 router = APIRouter(tags=["stock"])
@@ -72,6 +74,44 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 
 def _pool(request: Request) -> Any:
     return request.app.state.pool
+
+
+@router.get("/stores/{store_id}/stock/events", response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "`stock` events"},
+                       422: PROBLEMS[422]})
+async def stock_events(
+    store_id: StorePath, request: Request,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> EventSourceResponse:
+    """Every change of the store's stock as it commits; `Last-Event-ID` resumes after that event."""
+    feed = request.app.state.feed
+    if last_event_id is None or last_event_id == "":
+        after = await feed.head(store_id)
+    elif last_event_id.isdigit():
+        after = int(last_event_id)
+    else:
+        raise Problem(422, "Last-Event-ID must be an event id this feed sent",
+                      errors=[{"loc": "header.Last-Event-ID", "msg": "not an event id"}])
+    return EventSourceResponse(feed.stream(store_id, after), ping=request.app.state.sse_ping,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/stock/import", dependencies=[Admin], responses={
+    200: {"content": {"application/json": {"example": {"rows": 2}}}}, 413: {"description": "too large"},
+    415: {"description": "not CSV or JSON lines"}, **PROBLEMS},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "text/csv": {"schema": {"type": "string"}},
+        "application/x-ndjson": {"schema": {"type": "string"}}}}})
+async def import_stock(request: Request) -> JSONResponse:
+    """Upserts counted stock from an ERP file in one transaction; one bad row rejects the file."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    parse = imports.parse_csv if media == "text/csv" else imports.parse_ndjson
+    try:
+        async with _pool(request).acquire() as conn, conn.transaction():
+            result = await imports.import_rows(conn, parse(request.stream()), correlation_id.get())
+    except imports.BadRow as exc:
+        raise Problem(422, str(exc), errors=[{"loc": f"body.line.{exc.line}", "msg": str(exc)}]) from None
+    return JSONResponse({"rows": result.rows})
 
 
 @router.get("/stores/{store_id}/stock/{sku}", responses={200: {"model": StockItem}, **PROBLEMS})

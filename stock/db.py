@@ -32,7 +32,20 @@ FOR UPDATE
 # each change (EstoqueAlterado) through the outbox, all in one statement. `at` takes the
 # clock after the row lock and never goes below the previous change, so the ledger's times
 # never decrease along its versions.
-APPLY_CHANGES = """
+# The EstoqueAlterado body (API.md §6) from a row carrying the figures after a change. The live
+# feed builds the same body from the ledger, so a replayed event is identical to the live one.
+def _stock_changed(at: str, kind: str) -> str:
+    return f"""jsonb_build_object(
+        'event_id', event_id, 'event_type', 'EstoqueAlterado', 'occurred_at', {at},
+        'store_id', store_id, 'sku', sku, 'on_hand', on_hand, 'reserved', reserved,
+        'available', on_hand - reserved, 'version', version, 'kind', {kind})"""
+
+
+# Applies deltas to items of one store, appends one ledger movement per item and announces
+# each change (EstoqueAlterado) through the outbox, all in one statement. `at` takes the
+# clock after the row lock and never goes below the previous change, so the ledger's times
+# never decrease along its versions.
+APPLY_CHANGES = f"""
 WITH change AS (
     SELECT * FROM unnest($2::text[], $3::int[], $4::int[]) AS c(sku, on_hand_delta, reserved_delta)
 ), updated AS (
@@ -45,46 +58,49 @@ WITH change AS (
     WHERE s.store_id = $1 AND s.sku = c.sku
     RETURNING s.store_id, s.sku, s.on_hand, s.reserved, s.version, s.updated_at,
               c.on_hand_delta, c.reserved_delta
-), ledger AS (
-    INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
-                          on_hand, reserved, order_id, at)
-    SELECT store_id, sku, version, $5, on_hand_delta, reserved_delta, on_hand, reserved, $6::uuid,
-           updated_at
-    FROM updated
 ), event AS (
     SELECT gen_random_uuid() AS event_id, u.* FROM updated u
-), announced AS (
-    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-    SELECT event_id, 'EstoqueAlterado', $6::uuid::text, $7, jsonb_build_object(
-        'event_id', event_id, 'event_type', 'EstoqueAlterado', 'occurred_at', updated_at,
-        'store_id', store_id, 'sku', sku, 'on_hand', on_hand, 'reserved', reserved,
-        'available', on_hand - reserved, 'version', version, 'kind', $5::text)
-    FROM event
-)
-SELECT store_id, sku, on_hand, reserved, on_hand - reserved AS available, version, updated_at
-FROM updated ORDER BY sku
-"""
-
-CREATE_ITEM = f"""
-WITH created AS (
-    INSERT INTO stock_item (store_id, sku, on_hand, reserved, version, updated_at)
-    VALUES ($1, $2, $3, 0, 1, clock_timestamp())
-    ON CONFLICT DO NOTHING
-    RETURNING *
 ), ledger AS (
     INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
-                          on_hand, reserved, order_id, at)
-    SELECT store_id, sku, 1, 'created', on_hand, 0, on_hand, 0, NULL, updated_at FROM created
+                          on_hand, reserved, order_id, at, event_id)
+    SELECT store_id, sku, version, $5, on_hand_delta, reserved_delta, on_hand, reserved, $6::uuid,
+           updated_at, event_id
+    FROM event
 ), announced AS (
     INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-    SELECT e, 'EstoqueAlterado', NULL, $4, jsonb_build_object(
-        'event_id', e, 'event_type', 'EstoqueAlterado', 'occurred_at', updated_at,
-        'store_id', store_id, 'sku', sku, 'on_hand', on_hand, 'reserved', 0,
-        'available', on_hand, 'version', 1, 'kind', 'created')
-    FROM created, gen_random_uuid() AS e
+    SELECT event_id, 'EstoqueAlterado', $6::uuid::text, $7, {_stock_changed("updated_at", "$5::text")}
+    FROM event
 )
-SELECT {ITEM_COLUMNS} FROM created
+SELECT {ITEM_COLUMNS} FROM updated ORDER BY sku
 """
+
+# Creates items that do not exist yet (version 1, ledger `created`), announced like any change.
+CREATE_ITEMS = f"""
+WITH created AS (
+    INSERT INTO stock_item (store_id, sku, on_hand, reserved, version, updated_at)
+    SELECT store_id, sku, on_hand, 0, 1, clock_timestamp()
+    FROM unnest($1::text[], $2::text[], $3::int[]) AS n(store_id, sku, on_hand)
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), event AS (
+    SELECT gen_random_uuid() AS event_id, 'created' AS kind, c.* FROM created c
+), ledger AS (
+    INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
+                          on_hand, reserved, order_id, at, event_id)
+    SELECT store_id, sku, 1, kind, on_hand, 0, on_hand, 0, NULL, updated_at, event_id FROM event
+), announced AS (
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+    SELECT event_id, 'EstoqueAlterado', NULL, $4, {_stock_changed("updated_at", "kind")}
+    FROM event
+)
+SELECT {ITEM_COLUMNS} FROM created ORDER BY store_id, sku
+"""
+
+FEED_AFTER = f"""
+SELECT id, {_stock_changed("at", "kind")} AS body
+FROM movement WHERE store_id = $1 AND id > $2 ORDER BY id LIMIT $3
+"""
+FEED_HEAD = "SELECT coalesce(max(id), 0) FROM movement WHERE store_id = $1"
 
 LOCK_ITEM = f"SELECT {ITEM_COLUMNS} FROM stock_item WHERE store_id = $1 AND sku = $2 FOR UPDATE"
 SELECT_ITEM = f"SELECT {ITEM_COLUMNS} FROM stock_item WHERE store_id = $1 AND sku = $2"
@@ -171,3 +187,21 @@ def to_item(row: asyncpg.Record) -> dict[str, Any]:
         "version": row["version"],
         "updated_at": row["updated_at"].isoformat(),
     }
+
+IMPORT_DUPLICATE = """
+SELECT line, store_id, sku FROM (
+    SELECT line, store_id, sku, row_number() OVER (PARTITION BY store_id, sku ORDER BY line) AS n
+    FROM import_row) r
+WHERE n > 1 ORDER BY line LIMIT 1
+"""
+IMPORT_LOCK_EXISTING = """
+SELECT s.store_id, s.sku, s.on_hand, s.reserved, i.on_hand AS new_on_hand, i.line
+FROM stock_item s JOIN import_row i USING (store_id, sku)
+ORDER BY s.store_id, s.sku
+FOR UPDATE OF s
+"""
+IMPORT_NEW = """
+SELECT i.store_id, i.sku, i.on_hand FROM import_row i
+WHERE NOT EXISTS (SELECT 1 FROM stock_item s WHERE s.store_id = i.store_id AND s.sku = i.sku)
+ORDER BY i.store_id, i.sku
+"""

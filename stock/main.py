@@ -16,6 +16,7 @@ from shared.settings import get_settings
 from shared.web import create_app, serve
 from stock import worker
 from stock.api import router
+from stock.feed import StockFeed
 
 IMPORT_TYPES = ("text/csv", "application/x-ndjson")
 
@@ -32,6 +33,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # when no worker runs (one relay leads at a time, whichever process it is in).
     relay = OutboxRelay(settings.stock_database_url, pool, exchange)
     relay.start()
+    app.state.feed = StockFeed(pool)
+    app.state.sse_ping = settings.sse_ping_seconds
+    await app.state.feed.start(channel)
     try:
         yield
     finally:
@@ -46,7 +50,8 @@ def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
 
 def create() -> FastAPI:
     app = create_app(service="stock", title="Stock", lifespan=lifespan, readiness=readiness,
-                     body_types={"/stock/import": IMPORT_TYPES})
+                     body_types={"/stock/import": IMPORT_TYPES},
+                     body_limits={"/stock/import": get_settings().import_max_bytes})
     app.include_router(router)
     return app
 

@@ -26,6 +26,7 @@ CREATE TABLE movement (
     reserved       integer NOT NULL,
     order_id       uuid,
     at             timestamptz NOT NULL,
+    event_id       uuid NOT NULL,  -- the EstoqueAlterado that announced it: the live feed replays it
     UNIQUE (store_id, sku, version)
 );
 CREATE INDEX movement_as_of ON movement (store_id, sku, at DESC, version DESC);

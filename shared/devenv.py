@@ -157,6 +157,7 @@ def _ensure_traversable(path: Path, user: str) -> None:
 class Rabbit:
     run_dir: Path
     port: int
+    node: str = NODE
 
     @property
     def home(self) -> Path:
@@ -167,10 +168,10 @@ class Rabbit:
         return {
             **os.environ,
             "HOME": str(home),  # the Erlang cookie lives here, shared by server and rabbitmqctl
-            "RABBITMQ_NODENAME": NODE,
+            "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.port + 20000),
+            "RABBITMQ_DIST_PORT": str(self.port + 20000 if self.port < 45000 else self.port - 20000),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_MNESIA_BASE": str(home / "mnesia"),
@@ -181,7 +182,7 @@ class Rabbit:
         }
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", NODE, *args], env=self.env(),
+        return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env(),
                               check=check, capture_output=True, text=True)
 
     def ensure_running(self) -> bool:

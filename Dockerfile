@@ -1,0 +1,11 @@
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared shared
+COPY orders orders
+COPY stock stock
+COPY gateway gateway
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 app
+USER app
+ENV BIND_HOST=0.0.0.0 RUN_DIR=/tmp/run

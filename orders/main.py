@@ -31,7 +31,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     relay = OutboxRelay(settings.orders_database_url, pool, exchange)
     app.state.waiters = waiters = StatusWaiters(settings.orders_database_url)
     waiters.start()
-    relay.start()
+    if settings.outbox_relay:
+        relay.start()
     await status_consumer.start()
     try:
         yield

@@ -21,6 +21,7 @@ from asgi_correlation_id import correlation_id
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     wait_exponential_jitter,
@@ -91,6 +92,7 @@ class Consumer:
                 wait=wait_exponential_jitter(initial=0.05, max=2),
                 stop=stop_after_attempt(6),
                 reraise=True,
+                before_sleep=_log_retry,
             ):
                 with attempt:
                     await self.handle(event, message_id)
@@ -121,6 +123,12 @@ class Consumer:
             mandatory=True,
         )
         await message.ack()
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("transient failure; retrying", extra={
+        "attempt": state.attempt_number, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def _request_id(message: AbstractIncomingMessage) -> str | None:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     delivery_limit: int = 5
     sweep_batch_size: int = 200
     sse_ping_seconds: float = 15
+    # Off only to simulate a crash between commit and publish (tests/faults): events then wait
+    # in the outbox until a process with the relay on starts.
+    outbox_relay: bool = True
     import_max_bytes: int = 64 * 1024 * 1024
 
     @property

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,10 +36,8 @@ HTTP_LATENCY = Histogram(
 ReadinessCheck = Callable[[], Awaitable[None]]
 
 
-class JSONResponse(Response):
+class JSONResponse(StarletteJSONResponse):
     """JSON rendered by orjson: several times faster than the standard library on our bodies."""
-
-    media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -159,6 +158,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": the contract says 422
+            return problem_response(Problem(422, "the body is not valid JSON",
+                                            errors=[{"loc": "body", "msg": "malformed JSON"}]))
         return problem_response(Problem(exc.status_code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(Exception)

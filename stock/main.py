@@ -32,7 +32,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Admin changes write EstoqueAlterado to the outbox; the API relays too, so they leave even
     # when no worker runs (one relay leads at a time, whichever process it is in).
     relay = OutboxRelay(settings.stock_database_url, pool, exchange)
-    relay.start()
+    if settings.outbox_relay:
+        relay.start()
     app.state.feed = StockFeed(pool)
     app.state.sse_ping = settings.sse_ping_seconds
     await app.state.feed.start(channel)

@@ -72,7 +72,8 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    relay.start()
+    if settings.outbox_relay:
+        relay.start()
     sweeper = asyncio.create_task(sweep_forever(pool, settings, stopping))
     await consumer.start()
     log.info("stock worker consuming", extra={"queue": STOCK_ORDERS})

@@ -6,6 +6,7 @@ from importlib import resources
 
 import asyncpg
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30
-    )
+    """A pool, once the database answers (a service may start before it, e.g. under compose)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((OSError, asyncpg.PostgresError)),
+        wait=wait_exponential(multiplier=0.2, max=3), stop=stop_after_delay(120), reraise=True,
+        before_sleep=lambda s: log.warning("database not reachable yet; retrying"),
+    ):
+        with attempt:
+            return await asyncpg.create_pool(
+                dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30
+            )
+    raise AssertionError("unreachable")
 
 
 async def first_delivery(conn: asyncpg.Connection, message_id: str) -> bool:

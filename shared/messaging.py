@@ -4,13 +4,19 @@ Every queue is a durable quorum queue with a delivery limit; what it cannot deli
 `<queue>.dlq` through the dead-letter exchange. Every service declares the whole topology at
 start: declaring is idempotent, and no service then depends on another having started first."""
 
+import logging
+
 import aio_pika
+from aio_pika.exceptions import AMQPConnectionError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
 )
+
+log = logging.getLogger(__name__)
 
 EXCHANGE = "inventory.events"
 DEAD_LETTER_EXCHANGE = "inventory.dead-letters"
@@ -27,7 +33,16 @@ ROUTED_EVENTS = frozenset(e for events in QUEUES.values() for e in events)
 
 
 async def connect(url: str) -> AbstractRobustConnection:
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": "inventory"})
+    """A connection that re-establishes itself, its channels, queues and consumers after the
+    broker comes back. The first connect is retried too: a service may start before the broker."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((OSError, AMQPConnectionError)),
+        wait=wait_exponential(multiplier=0.2, max=3), stop=stop_after_delay(120), reraise=True,
+        before_sleep=lambda s: log.warning("broker not reachable yet; retrying"),
+    ):
+        with attempt:
+            return await aio_pika.connect_robust(url, client_properties={"connection_name": "inventory"})
+    raise AssertionError("unreachable")
 
 
 async def declare_topology(channel: AbstractChannel, delivery_limit: int) -> AbstractExchange:

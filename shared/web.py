@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import asyncpg
 import orjson
 import uvicorn
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -162,6 +163,17 @@ def install_problem_handlers(app: FastAPI) -> None:
             return problem_response(Problem(422, "the body is not valid JSON",
                                             errors=[{"loc": "body", "msg": "malformed JSON"}]))
         return problem_response(Problem(exc.status_code, str(exc.detail), headers=exc.headers))
+
+    @app.exception_handler(asyncpg.exceptions.PostgresConnectionError)
+    @app.exception_handler(asyncpg.exceptions.InterfaceError)
+    @app.exception_handler(asyncpg.exceptions.CannotConnectNowError)
+    @app.exception_handler(asyncpg.exceptions.AdminShutdownError)
+    @app.exception_handler(ConnectionError)
+    @app.exception_handler(OSError)
+    async def on_unavailable(_: Request, exc: Exception) -> Response:
+        log.warning("dependency unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return problem_response(Problem(503, "the database is unavailable; retry shortly",
+                                        headers={"Retry-After": "1"}))
 
     @app.exception_handler(Exception)
     async def on_crash(_: Request, exc: Exception) -> Response:

@@ -29,7 +29,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "stock": Upstream("stock", settings.stock_upstreams),
     }
     app.state.timeout = settings.upstream_timeout_seconds
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    # Idle pooled connections close before the services' keep-alive (75 s) does: see serve().
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
     app.state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app.state.merged_openapi = None
     loader = asyncio.create_task(_load_openapi(app))

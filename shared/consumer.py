@@ -39,6 +39,7 @@ TRANSIENT = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.UniqueViolationError,  # two deliveries racing to create the same row
     asyncio.TimeoutError,
 )
 

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     access_log: bool = False
     db_pool_size: int = 10
     prefetch_count: int = 64
+    batch_size: int = 100  # PedidoCriado decided together in one transaction, at most
     delivery_limit: int = 5
     sweep_batch_size: int = 200
     sse_ping_seconds: float = 15

@@ -234,4 +234,7 @@ def serve(app: FastAPI | str, port: int, host: str, access_log: bool = False) ->
         access_log=access_log,
         log_config=None,
         timeout_graceful_shutdown=10,
+        # Longer than the gateway's pooled-connection idle time, so the gateway never reuses a
+        # connection at the instant this side closes it (which surfaces as a reset, then 502).
+        timeout_keep_alive=75,
     )

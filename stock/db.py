@@ -205,3 +205,59 @@ SELECT i.store_id, i.sku, i.on_hand FROM import_row i
 WHERE NOT EXISTS (SELECT 1 FROM stock_item s WHERE s.store_id = i.store_id AND s.sku = i.sku)
 ORDER BY i.store_id, i.sku
 """
+
+# ----- batch decisions (stock/reserve.py) ---------------------------------------------------
+LOCK_STOCK_ORDERS = """
+SELECT order_id, store_id, attempt, state, expires_at FROM stock_order
+WHERE order_id = ANY($1::uuid[]) ORDER BY order_id FOR UPDATE
+"""
+LOCK_ITEMS_FOR_BATCH = """
+SELECT store_id, sku, on_hand, reserved, version, updated_at, clock_timestamp() AS now
+FROM stock_item
+WHERE (store_id, sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY store_id, sku
+FOR UPDATE
+"""
+SET_ITEMS = """
+UPDATE stock_item s SET reserved = n.reserved, version = n.version, updated_at = n.at
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::timestamptz[])
+     AS n(store_id, sku, reserved, version, at)
+WHERE s.store_id = n.store_id AND s.sku = n.sku
+"""
+# The movements of held lines, and their EstoqueAlterado announcements, in one statement.
+INSERT_RESERVED_MOVEMENTS = f"""
+WITH m AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::int[], $6::int[],
+                         $7::int[], $8::uuid[], $9::timestamptz[], $10::uuid[], $11::text[])
+        AS m(store_id, sku, version, on_hand_delta, reserved_delta, on_hand, reserved, order_id,
+             at, event_id, request_id)
+), ledger AS (
+    INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
+                          on_hand, reserved, order_id, at, event_id)
+    SELECT store_id, sku, version, 'reserved', on_hand_delta, reserved_delta, on_hand, reserved,
+           order_id, at, event_id
+    FROM m
+)
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+SELECT event_id, 'EstoqueAlterado', order_id::text, request_id, {_stock_changed("at", "'reserved'")}
+FROM m ORDER BY store_id, sku, version
+"""
+INSERT_HOLDS = """
+INSERT INTO reservation (order_id, store_id, sku, quantity)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[])
+"""
+SAVE_STOCK_ORDERS = """
+INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
+SELECT *, now() FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])
+ON CONFLICT (order_id) DO UPDATE
+SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
+    updated_at = now()
+"""
+INSERT_OUTBOX_MANY = """
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+"""
+INBOX_MANY = """
+INSERT INTO inbox (message_id) SELECT DISTINCT unnest($1::text[])
+ON CONFLICT DO NOTHING RETURNING message_id
+"""

@@ -1,20 +1,20 @@
-"""The life of a hold (a reservation), driven by the orders service's commands and the sweep.
+"""The end of a hold (a reservation): sold on confirm, released on cancel, expired by the sweep.
+Holds begin in stock/reserve.py.
 
 Each function runs inside the caller's transaction, after the inbox check. The stock_order row
 is locked first, then the items: see the lock order in stock/db.py."""
 
 import logging
 import uuid
-from datetime import UTC, datetime
 
 import asyncpg
 from asgi_correlation_id import correlation_id
 from prometheus_client import Counter, Histogram
 
-from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
+from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado
 from shared.outbox import add_to_outbox
 from stock import db
-from stock.domain import decide, hold, let_go, sell
+from stock.domain import let_go, sell
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +30,6 @@ async def _answer(conn: asyncpg.Connection, order_id: uuid.UUID, attempt: int, s
     await add_to_outbox(conn, event, str(order_id), correlation_id.get())
 
 
-async def on_order_created(conn: asyncpg.Connection, cmd: PedidoCriado, ttl_seconds: float) -> None:
-    known = await conn.fetchrow(db.LOCK_STOCK_ORDER, cmd.order_id)
-    if known is not None:
-        if known["state"] == "cancelled":
-            log.info("order was cancelled before it arrived: holding nothing",
-                     extra={"order_id": str(cmd.order_id)})
-            return
-        if known["attempt"] >= cmd.attempt:
-            return  # this attempt was decided already
-        if known["state"] == "held":  # cannot happen through orders' rules; never leak a hold
-            await _end_hold(conn, cmd.order_id, known["store_id"], known["attempt"], "released")
-    lines = list(cmd.items)
-    stock = await db.lock_items_of_store(conn, cmd.store_id, [line.sku for line in lines])
-    decision = decide(lines, stock)
-    if decision.held:
-        await db.apply_changes(conn, cmd.store_id, "reserved", hold(lines), cmd.order_id, correlation_id.get())
-        expires_at = await conn.fetchval(db.EXPIRES_AT, ttl_seconds)
-        await conn.execute(db.SAVE_STOCK_ORDER, cmd.order_id, cmd.store_id, cmd.attempt, "held", expires_at)
-        await conn.execute(db.INSERT_HOLD_LINES, cmd.order_id, cmd.store_id,
-                           [line.sku for line in lines], [line.quantity for line in lines])
-        await _answer(conn, cmd.order_id, cmd.attempt, "EstoqueReservado", reserved_until=expires_at)
-    else:
-        await conn.execute(db.SAVE_STOCK_ORDER, cmd.order_id, cmd.store_id, cmd.attempt, "rejected", None)
-        await _answer(conn, cmd.order_id, cmd.attempt, "EstoqueNaoDisponivel",
-                      unavailable=list(decision.shortages), reason=decision.reason)
-    HOLD_OUTCOMES.labels("held" if decision.held else "rejected").inc()
-    DECISION_LATENCY.observe(max(0.0, (datetime.now(UTC) - cmd.occurred_at).total_seconds()))
-
-
 async def on_order_confirmed(conn: asyncpg.Connection, cmd: PedidoConfirmado) -> None:
     known = await conn.fetchrow(db.LOCK_STOCK_ORDER, cmd.order_id)
     if known is None or known["attempt"] != cmd.attempt:
@@ -67,7 +38,7 @@ async def on_order_confirmed(conn: asyncpg.Connection, cmd: PedidoConfirmado) ->
     if known["state"] == "held":
         now = await conn.fetchval(db.NOW)
         kind = "sold" if known["expires_at"] > now else "expired"
-        await _end_hold(conn, cmd.order_id, known["store_id"], cmd.attempt, kind)
+        await end_hold(conn, cmd.order_id, known["store_id"], cmd.attempt, kind)
         await _answer(conn, cmd.order_id, cmd.attempt, "EstoqueBaixado" if kind == "sold" else "ReservaExpirada")
     elif known["state"] == "expired":
         await _answer(conn, cmd.order_id, cmd.attempt, "ReservaExpirada")
@@ -79,7 +50,7 @@ async def on_order_cancelled(conn: asyncpg.Connection, cmd: PedidoCancelado) -> 
         log.error("cancel for an order already sold; keeping the sale", extra={"order_id": str(cmd.order_id)})
         return
     if known is not None and known["state"] == "held":
-        await _end_hold(conn, cmd.order_id, known["store_id"], known["attempt"], "released")
+        await end_hold(conn, cmd.order_id, known["store_id"], known["attempt"], "released")
         await _answer(conn, cmd.order_id, known["attempt"], "ReservaLiberada")
     attempt = max(cmd.attempt, known["attempt"]) if known is not None else cmd.attempt
     store_id = known["store_id"] if known is not None else ""
@@ -87,7 +58,7 @@ async def on_order_cancelled(conn: asyncpg.Connection, cmd: PedidoCancelado) -> 
     await conn.execute(db.SAVE_STOCK_ORDER, cmd.order_id, store_id, attempt, "cancelled", None)
 
 
-async def _end_hold(
+async def end_hold(
     conn: asyncpg.Connection, order_id: uuid.UUID, store_id: str, attempt: int, kind: str
 ) -> None:
     """Sells, releases or expires a held order's lines. The stock_order row is locked."""
@@ -112,6 +83,6 @@ async def sweep_expired(pool: asyncpg.Pool, batch_size: int) -> int:
         pairs = sorted({(r["store_id"], r["sku"]) for r in lines})
         await conn.execute(db.LOCK_ITEMS_ANYWHERE, [p[0] for p in pairs], [p[1] for p in pairs])
         for order in claimed:
-            await _end_hold(conn, order["order_id"], order["store_id"], order["attempt"], "expired")
+            await end_hold(conn, order["order_id"], order["store_id"], order["attempt"], "expired")
             await _answer(conn, order["order_id"], order["attempt"], "ReservaExpirada")
     return len(claimed)

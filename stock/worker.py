@@ -10,13 +10,18 @@ import signal
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from shared.consumer import Consumer, parse_json
+from asgi_correlation_id import correlation_id
+
+from shared.batching import Batcher
+from shared.consumer import TRANSIENT, Consumer, parse_json
 from shared.db import create_pool, first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
 from shared.outbox import OutboxRelay
 from shared.settings import Settings, get_settings
-from stock.holds import on_order_cancelled, on_order_confirmed, on_order_created, sweep_expired
+from stock.db import INBOX_MANY
+from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
+from stock.reserve import decide_batch
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +35,36 @@ def parse(message: AbstractIncomingMessage) -> Command:
     return stock_command_adapter.validate_python(body)
 
 
-def handler(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-untyped-def]
+Pending = tuple[PedidoCriado, str, str | None]  # the command, its message_id, its request id
+
+
+def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-untyped-def]
+    """Decides a batch of PedidoCriado in one transaction, each message recorded in the inbox."""
+
+    async def flush(batch: list[Pending]) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            fresh = {r["message_id"] for r in await conn.fetch(INBOX_MANY, [m for _, m, _ in batch])}
+            cmds: list[PedidoCriado] = []
+            for cmd, message_id, _ in batch:
+                if message_id in fresh:
+                    fresh.discard(message_id)  # the same message twice in one batch counts once
+                    cmds.append(cmd)
+            if cmds:
+                request_ids = {cmd.order_id: rid for cmd, _, rid in batch}
+                await decide_batch(conn, cmds, request_ids, settings.reservation_ttl_seconds)
+
+    return flush
+
+
+def handler(pool: asyncpg.Pool, batcher: Batcher[Pending]):  # type: ignore[no-untyped-def]
     async def handle(cmd: Command, message_id: str) -> None:
+        if isinstance(cmd, PedidoCriado):
+            await batcher.submit((cmd, message_id, correlation_id.get()))
+            return
         async with pool.acquire() as conn, conn.transaction():
             if not await first_delivery(conn, message_id):
                 return
-            if isinstance(cmd, PedidoCriado):
-                await on_order_created(conn, cmd, settings.reservation_ttl_seconds)
-            elif isinstance(cmd, PedidoConfirmado):
+            if isinstance(cmd, PedidoConfirmado):
                 await on_order_confirmed(conn, cmd)
             else:
                 await on_order_cancelled(conn, cmd)
@@ -66,7 +93,9 @@ async def main() -> None:
     await channel.set_qos(prefetch_count=settings.prefetch_count)
     exchange = await declare_topology(channel, settings.delivery_limit)
     queue = await channel.get_queue(STOCK_ORDERS)
-    consumer = Consumer(queue, channel, parse, handler(pool, settings))
+    batcher: Batcher[Pending] = Batcher(decide_pending(pool, settings), max_size=settings.batch_size,
+                                        transient=TRANSIENT)
+    consumer = Consumer(queue, channel, parse, handler(pool, batcher))
     relay = OutboxRelay(settings.stock_database_url, pool, exchange)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,6 +110,7 @@ async def main() -> None:
     # Graceful: stop taking work, finish and ack what is in hand, publish what was written.
     log.info("stock worker stopping")
     await consumer.stop()
+    await batcher.close()
     await sweeper
     await relay.stop()
     await amqp.close()

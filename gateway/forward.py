@@ -22,6 +22,9 @@ HOP_BY_HOP = frozenset({
 })
 
 
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
 @dataclass
 class Upstream:
     name: str
@@ -48,10 +51,7 @@ async def forward(
     )
     for base in upstream.rotation():
         try:
-            upstream_response = await session.request(
-                request.method, base + path, data=body or None, headers=headers,
-                timeout=client_timeout, allow_redirects=False,
-            )
+            upstream_response = await _send(session, request.method, base + path, body, headers, client_timeout)
         except aiohttp.ClientConnectorError:
             continue  # refused: try the next URL
         except TimeoutError:
@@ -60,6 +60,22 @@ async def forward(
             raise Problem(502, f"{upstream.name} failed: {type(exc).__name__}") from None
         return await _relay(upstream_response, streaming)
     raise Problem(503, f"no {upstream.name} instance is reachable")
+
+
+async def _send(
+    session: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    """One request; an idempotent one is sent again once if a pooled connection turned out to
+    be closed by the upstream (a POST is not: it may have been acted on)."""
+    try:
+        return await session.request(method, url, data=body or None, headers=headers,
+                                     timeout=timeout, allow_redirects=False)
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        if method not in IDEMPOTENT:
+            raise
+    return await session.request(method, url, data=body or None, headers=headers,
+                                 timeout=timeout, allow_redirects=False)
 
 
 async def _relay(upstream_response: aiohttp.ClientResponse, streaming: bool) -> Response:

@@ -2,7 +2,7 @@
 
 import asyncio
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -17,12 +17,13 @@ from shared.web import JSONResponse
 
 router = APIRouter(tags=["orders"])
 
+NO_NUL = r"^[^\x00]+$"  # PostgreSQL text cannot hold NUL
 OrderId = Annotated[uuid.UUID, Path(description="the order's id (UUIDv4)")]
 
 
 class OrderIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    customer_id: Annotated[str, Field(min_length=1, max_length=64, strict=True)]
+    customer_id: Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=NO_NUL)]
     store_id: StoreId = "default"
     items: Annotated[list[Line], Field(min_length=1, max_length=100)]
 
@@ -121,18 +122,12 @@ async def _wait_for_change(request: Request, order_id: uuid.UUID, wait: float) -
 @router.get("/orders", responses={200: {"model": OrderPage}, 422: PROBLEMS[422]})
 async def list_orders(
     request: Request,
-    customer_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    customer_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JSONResponse:
-    after_time, after_id = None, None
-    if cursor:
-        raw_time, raw_id = decode_cursor(cursor, 2)
-        try:
-            after_time, after_id = datetime.fromisoformat(raw_time), uuid.UUID(raw_id)
-        except (TypeError, ValueError):
-            raise Problem(422, "cursor is not one this service issued") from None
+    after_time, after_id = decode_cursor(cursor, _read_cursor) if cursor else (None, None)
     rows = await _pool(request).fetch(
         db.LIST_ORDERS, customer_id, status.value if status else None, after_time, after_id, limit + 1
     )
@@ -142,6 +137,14 @@ async def list_orders(
         last = rows[limit - 1]
         next_cursor = encode_cursor(last["created_at"].isoformat(), str(last["order_id"]))
     return JSONResponse({"items": items, "next_cursor": next_cursor})
+
+
+def _read_cursor(values: list[Any]) -> tuple[datetime, uuid.UUID]:
+    raw_time, raw_id = values
+    after = datetime.fromisoformat(raw_time)
+    if after.tzinfo is None:
+        raise ValueError("naive time")
+    return after.astimezone(UTC), uuid.UUID(raw_id)  # astimezone: overflow at the calendar's ends
 
 
 async def _command(request: Request, action: Any, order_id: uuid.UUID) -> JSONResponse:

@@ -201,7 +201,8 @@ def create_app(
     @app.get("/health/ready", tags=["health"], responses={503: {"description": "a dependency is down"}})
     async def ready() -> Response:
         down: dict[str, str] = {}
-        for name, check in readiness(app).items():
+        checks = readiness(app)
+        for name, check in checks.items():
             try:
                 await check()
             except Exception as exc:  # any failure means "not ready", with what failed
@@ -211,7 +212,7 @@ def create_app(
             body = {"type": "/problems/not-ready", "title": "Service Unavailable", "status": 503,
                     "detail": detail, "checks": down}
             return Response(orjson.dumps(body), 503, media_type="application/problem+json")
-        return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", "checks": {name: "up" for name in checks}})
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     async def metrics() -> Response:

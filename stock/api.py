@@ -1,6 +1,7 @@
 """HTTP entry point of the stock service (API.md §3): reads are public, writes need the token."""
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -17,6 +18,7 @@ from stock.auth import Admin
 
 router = APIRouter(tags=["stock"])
 
+SKU_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 StorePath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 SkuPath = StorePath
 Version = Annotated[int, Field(ge=0, le=2**62, strict=True)]
@@ -119,6 +121,12 @@ async def get_item(
     store_id: StorePath, sku: SkuPath, request: Request,
     as_of: Annotated[AwareDatetime | None, Query(description="ISO-8601 with offset")] = None,
 ) -> JSONResponse:
+    if as_of is not None:
+        try:
+            as_of = as_of.astimezone(UTC)
+        except OverflowError:
+            raise Problem(422, "as_of is outside the calendar the ledger can hold",
+                          errors=[{"loc": "query.as_of", "msg": "out of range"}]) from None
     if as_of is None:
         row = await _pool(request).fetchrow(db.SELECT_ITEM, store_id, sku)
     else:
@@ -134,7 +142,7 @@ async def list_items(
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JSONResponse:
-    after = str(decode_cursor(cursor, 1)[0]) if cursor else None
+    after = decode_cursor(cursor, _read_sku_cursor) if cursor else None
     rows = await _pool(request).fetch(db.LIST_ITEMS, store_id, after, limit + 1)
     next_cursor = encode_cursor(rows[limit - 1]["sku"]) if len(rows) > limit else None
     return JSONResponse({"items": [db.to_item(r) for r in rows[:limit]], "next_cursor": next_cursor})
@@ -157,15 +165,27 @@ async def restock(store_id: StorePath, sku: SkuPath, body: Restock, request: Req
     return JSONResponse(item)
 
 
+def _read_sku_cursor(values: list[Any]) -> str:
+    (sku,) = values
+    if not isinstance(sku, str) or not SKU_RE.match(sku):
+        raise ValueError("not a sku")
+    return sku
+
+
+def _read_version_cursor(values: list[Any]) -> int:
+    (version,) = values
+    if type(version) is not int or not 0 <= version < 2**62:
+        raise ValueError("not a version")
+    return version
+
+
 @router.get("/stores/{store_id}/stock/{sku}/movements", responses={200: {"model": MovementPage}, **PROBLEMS})
 async def list_movements(
     store_id: StorePath, sku: SkuPath, request: Request,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JSONResponse:
-    after = decode_cursor(cursor, 1)[0] if cursor else 0
-    if not isinstance(after, int):
-        raise Problem(422, "cursor is not one this service issued")
+    after = decode_cursor(cursor, _read_version_cursor) if cursor else 0
     pool = _pool(request)
     rows = await pool.fetch(db.LIST_MOVEMENTS, store_id, sku, after, limit + 1)
     if not rows and after == 0 and await pool.fetchrow(db.SELECT_ITEM, store_id, sku) is None:

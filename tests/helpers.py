@@ -94,3 +94,40 @@ async def check_stock_invariants(conn: asyncpg.Connection) -> dict[tuple[str, st
         SELECT count(*) FROM reservation r JOIN stock_order o USING (order_id) WHERE o.state <> 'held'""")
     assert stray == 0, "held lines belong to an order that is no longer held"
     return items
+
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The answer is `status` with an RFC 9457 body (API.md §4); returns the body."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    media_type = response.headers.get("content-type", "").split(";")[0].strip()
+    assert media_type == PROBLEM_JSON, response.headers
+    body = response.json()
+    assert body["status"] == status, body
+    for key in ("type", "title", "detail"):
+        assert isinstance(body.get(key), str) and body[key], (key, body)
+    return body
+
+
+def assert_invalid(response: httpx.Response, *fields: str) -> list[dict[str, Any]]:
+    """A validation failure: `422` problem+json with `errors: [{loc, msg}]`, where some `loc`
+    names each of `fields`. Returns the errors."""
+    body = assert_problem(response, 422)
+    errors = body.get("errors")
+    assert isinstance(errors, list) and errors, f"a validation problem lists its errors: {body}"
+    for error in errors:
+        assert {"loc", "msg"} <= set(error) and error["msg"], error
+    locs = " ".join(str(error["loc"]) for error in errors)
+    for name in fields:
+        assert name in locs, f"no error located at {name!r}: {errors}"
+    return errors
+
+
+def cursor_of(*values: Any) -> str:
+    """A cursor the service never issued, in the shape of those it does (base64url JSON)."""
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(list(values)).encode()).decode().rstrip("=")

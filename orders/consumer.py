@@ -1,22 +1,48 @@
-"""Consumes `orders.status`: stock's answers (`AtualizarStatus`) move the order along."""
+"""Consumes `orders.status`: stock's answers (`AtualizarStatus`) move the order along.
+
+Answers are applied in natural batches (shared/batching.py): one transaction and one commit for
+whatever arrived meanwhile. Inside a batch the orders are locked in order_id order (a stable
+sort, so two answers for one order keep their arrival order), which keeps concurrent batches
+from deadlocking."""
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
+from asgi_correlation_id import correlation_id
 
 from orders.service import apply_status
+from shared.batching import Batcher
 from shared.consumer import parse_json
-from shared.db import first_delivery
+from shared.db import first_deliveries
 from shared.events import AtualizarStatus
+
+Pending = tuple[AtualizarStatus, str, str | None]  # the answer, its message_id, its request id
 
 
 def parse(message: AbstractIncomingMessage) -> AtualizarStatus:
     return AtualizarStatus.model_validate(parse_json(message))
 
 
-def handler(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
-    async def handle(answer: AtualizarStatus, message_id: str) -> None:
+def apply_pending(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
+    async def flush(batch: list[Pending]) -> None:
         async with pool.acquire() as conn, conn.transaction():
-            if await first_delivery(conn, message_id):
-                await apply_status(conn, answer)
+            fresh = await first_deliveries(conn, [message_id for _, message_id, _ in batch])
+            todo: list[Pending] = []
+            for pending in batch:
+                if pending[1] in fresh:
+                    fresh.discard(pending[1])  # the same message twice in one batch counts once
+                    todo.append(pending)
+            for answer, _, request_id in sorted(todo, key=lambda p: p[0].order_id):
+                token = correlation_id.set(request_id)
+                try:
+                    await apply_status(conn, answer)
+                finally:
+                    correlation_id.reset(token)
+
+    return flush
+
+
+def handler(batcher: Batcher[Pending]):  # type: ignore[no-untyped-def]
+    async def handle(answer: AtualizarStatus, message_id: str) -> None:
+        await batcher.submit((answer, message_id, correlation_id.get()))
 
     return handle

@@ -8,7 +8,8 @@ from fastapi import FastAPI
 from orders import consumer
 from orders.api import router
 from orders.waiters import StatusWaiters
-from shared.consumer import Consumer
+from shared.batching import Batcher
+from shared.consumer import TRANSIENT, Consumer
 from shared.db import create_pool
 from shared.logs import configure_logging
 from shared.messaging import ORDERS_STATUS, connect, declare_topology
@@ -27,7 +28,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await channel.set_qos(prefetch_count=settings.prefetch_count)
     exchange = await declare_topology(channel, settings.delivery_limit)
     queue = await channel.get_queue(ORDERS_STATUS)
-    status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(pool))
+    batcher: Batcher[consumer.Pending] = Batcher(
+        consumer.apply_pending(pool), max_size=settings.batch_size, transient=TRANSIENT)
+    status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(batcher))
     relay = OutboxRelay(settings.orders_database_url, pool, exchange)
     app.state.waiters = waiters = StatusWaiters(settings.orders_database_url)
     waiters.start()
@@ -38,6 +41,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await status_consumer.stop()
+        await batcher.close()
         await relay.stop()
         await waiters.stop()
         await amqp.close()

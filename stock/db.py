@@ -1,8 +1,11 @@
 """Every SQL statement of the stock service, in one place.
 
-Lock order (the one rule that keeps concurrent transactions deadlock-free): first the
-`stock_order` row(s) of the orders involved, then `stock_item` rows in (store_id, sku) order,
-always taken up front by the LOCK_* statements below before any item is changed."""
+Lock order (the one rule that keeps concurrent transactions deadlock-free): first each order
+involved (an advisory lock on its id, then its `stock_order` row), in order_id order; then
+`stock_item` rows in (store_id, sku) order, always taken up front by the LOCK_* statements below
+before any item is changed. The advisory lock exists because an order's first message finds no
+row to lock: without it a cancel and its own PedidoCriado, handled at once by two workers, would
+both see "no row" and each write blindly over the other."""
 
 import uuid
 from collections.abc import Sequence
@@ -122,6 +125,10 @@ WHERE store_id = $1 AND sku = $2 AND version > $3
 ORDER BY version LIMIT $4
 """
 
+LOCK_ORDER_IDS = """
+SELECT pg_advisory_xact_lock(hashtextextended(id::text, 7000003))
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) ordered
+"""
 LOCK_STOCK_ORDER = "SELECT order_id, store_id, attempt, state, expires_at FROM stock_order WHERE order_id = $1 FOR UPDATE"
 SAVE_STOCK_ORDER = """
 INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
@@ -147,6 +154,10 @@ FOR UPDATE SKIP LOCKED
 """
 EXPIRES_AT = "SELECT clock_timestamp() + make_interval(secs => $1)"
 NOW = "SELECT clock_timestamp()"
+
+
+async def lock_orders(conn: asyncpg.Connection, order_ids: Sequence[uuid.UUID]) -> None:
+    await conn.execute(LOCK_ORDER_IDS, list(order_ids))
 
 
 async def lock_items_of_store(
@@ -256,8 +267,4 @@ SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.ex
 INSERT_OUTBOX_MANY = """
 INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
-"""
-INBOX_MANY = """
-INSERT INTO inbox (message_id) SELECT DISTINCT unnest($1::text[])
-ON CONFLICT DO NOTHING RETURNING message_id
 """

@@ -31,6 +31,7 @@ async def _answer(conn: asyncpg.Connection, order_id: uuid.UUID, attempt: int, s
 
 
 async def on_order_confirmed(conn: asyncpg.Connection, cmd: PedidoConfirmado) -> None:
+    await db.lock_orders(conn, [cmd.order_id])
     known = await conn.fetchrow(db.LOCK_STOCK_ORDER, cmd.order_id)
     if known is None or known["attempt"] != cmd.attempt:
         log.warning("confirm for an attempt stock does not hold", extra={"order_id": str(cmd.order_id)})
@@ -45,6 +46,7 @@ async def on_order_confirmed(conn: asyncpg.Connection, cmd: PedidoConfirmado) ->
 
 
 async def on_order_cancelled(conn: asyncpg.Connection, cmd: PedidoCancelado) -> None:
+    await db.lock_orders(conn, [cmd.order_id])
     known = await conn.fetchrow(db.LOCK_STOCK_ORDER, cmd.order_id)
     if known is not None and known["state"] == "sold":
         log.error("cancel for an order already sold; keeping the sale", extra={"order_id": str(cmd.order_id)})

@@ -6,8 +6,8 @@ customer wins), then every write as one set-based statement per table and one co
 is then locked once per batch instead of once per order, which is what lets a flash sale go
 faster than one-order-per-transaction ever can. A batch of one is the quiet-time case.
 
-Lock order as everywhere (stock/db.py): the batch's stock_order rows first (by order_id), then
-all its items at once in (store_id, sku) order."""
+Lock order as everywhere (stock/db.py): the batch's orders first (by order_id), then all its
+items at once in (store_id, sku) order."""
 
 import logging
 import uuid
@@ -70,6 +70,7 @@ async def decide_batch(
     """Runs inside the caller's transaction, after the inbox check of every command.
     `request_ids` carries each order's X-Request-ID into the events the batch writes."""
     order_ids = sorted({c.order_id for c in cmds})
+    await db.lock_orders(conn, order_ids)
     known = {r["order_id"]: r for r in await conn.fetch(db.LOCK_STOCK_ORDERS, order_ids)}
     for row in known.values():
         if row["state"] == "held" and any(c.order_id == row["order_id"] and c.attempt > row["attempt"] for c in cmds):

@@ -14,12 +14,11 @@ from asgi_correlation_id import correlation_id
 
 from shared.batching import Batcher
 from shared.consumer import TRANSIENT, Consumer, parse_json
-from shared.db import create_pool, first_delivery
+from shared.db import create_pool, first_deliveries, first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
 from shared.outbox import OutboxRelay
 from shared.settings import Settings, get_settings
-from stock.db import INBOX_MANY
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
 from stock.reserve import decide_batch
 
@@ -43,7 +42,7 @@ def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-u
 
     async def flush(batch: list[Pending]) -> None:
         async with pool.acquire() as conn, conn.transaction():
-            fresh = {r["message_id"] for r in await conn.fetch(INBOX_MANY, [m for _, m, _ in batch])}
+            fresh = await first_deliveries(conn, [m for _, m, _ in batch])
             cmds: list[PedidoCriado] = []
             for cmd, message_id, _ in batch:
                 if message_id in fresh:

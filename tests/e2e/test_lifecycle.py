@@ -344,42 +344,6 @@ async def test_invalid_transitions_change_nothing(short_stack: Stack) -> None:
     await assert_invariants(short_stack)
 
 
-async def test_pending_order_cannot_be_confirmed_and_a_cancel_before_stock_holds_nothing(
-    short_stack: Stack,
-) -> None:
-    """With the workers stopped, orders stay `pending`: confirm and reserve are 409; a cancel
-    is accepted, and once stock sees the order (after its cancel, or before it) nothing stays held."""
-    store, sku = random_store(), random_sku()
-    async with short_stack.client() as client:
-        await put_stock(client, short_stack.admin, store, sku, 10)
-        async with workers_stopped(short_stack):
-            pending_id = (await create_order(client, store, [(sku, 1)])).json()["order_id"]
-            before = await order_of(client, pending_id)
-            assert before["status"] == "pending"
-            for command in ("confirm", "reserve"):
-                response = await client.post(f"/orders/{pending_id}/{command}")
-                assert is_problem(response, 409), (command, response.text)
-            assert await order_of(client, pending_id) == before
-
-            cancelled_id = (await create_order(client, store, [(sku, 5)])).json()["order_id"]
-            response = await client.post(f"/orders/{cancelled_id}/cancel")
-            assert response.status_code == 202 and response.json()["status"] == "cancelled"
-
-        held = await wait_for_status(client, pending_id, {"reserved", "rejected"}, timeout=60)
-        assert held["status"] == "reserved", held
-
-        async def settled() -> None:
-            item = await stock_item(client, store, sku)
-            assert item["reserved"] in (0, 1), item  # only the first order may still be held
-            kinds = Counter(kinds_for(await movements(client, store, sku), cancelled_id))
-            assert kinds["reserved"] == kinds["released"] + kinds["expired"] <= 1, kinds
-            assert kinds["sold"] == 0
-
-        await eventually(settled, timeout=30)
-        assert (await order_of(client, cancelled_id))["status"] == "cancelled"
-    await assert_invariants(short_stack)
-
-
 # --------------------------------------------------------------------------------------------
 # races
 
@@ -399,7 +363,12 @@ async def test_confirm_against_expiry_either_sells_or_expires_each_hold(short_st
             create_order(client, store, lines, customer=f"race-{i}") for i, lines in enumerate(lines_of)))
         assert all(r.status_code == 202 for r in responses)
         ids = [r.json()["order_id"] for r in responses]
-        held = await asyncio.gather(*(wait_for_status(client, i, {"reserved"}, timeout=60) for i in ids))
+        seen = await asyncio.gather(*(
+            wait_for_status(client, i, {"reserved", "expired"}, timeout=60) for i in ids))
+        # On a loaded machine an answer can come so late that the hold ran out before it was
+        # seen; such an order is not raced, but the ledger checks below still apply to it.
+        held = [o for o in seen if o["status"] == "reserved" and seconds_left(o) > 0.1]
+        assert len(held) >= 30, f"only {len(held)} of 60 holds were seen in time to race them"
 
         async def confirm_around_expiry(order: dict[str, Any], n: int) -> int:
             lead = 0.06 - 0.01 * (n % 9)  # from 60 ms before reserved_until to 20 ms after
@@ -414,7 +383,7 @@ async def test_confirm_against_expiry_either_sells_or_expires_each_hold(short_st
         final = await asyncio.gather(*(
             wait_for_status(client, i, {"confirmed", "expired"}, timeout=60) for i in ids))
         status = {o["order_id"]: o["status"] for o in final}
-        for order_id, code in zip(ids, codes):
+        for order_id, code in zip((o["order_id"] for o in held), codes):
             if code == 410:
                 assert status[order_id] == "expired", "a confirm refused with 410 cannot sell"
 
@@ -465,6 +434,47 @@ async def test_three_workers_expire_each_hold_exactly_once(short_stack: Stack) -
     await assert_invariants(short_stack)
 
 
+# --------------------------------------------------------------------------------------------
+# a cancel that reaches stock before, with or after its order
+
+
+async def test_pending_order_cannot_be_confirmed_and_a_cancel_before_stock_holds_nothing(
+    short_stack: Stack,
+) -> None:
+    """With the workers stopped, orders stay `pending`: confirm and reserve are 409; a cancel
+    is accepted, and once stock sees the order (after its cancel, or before it) nothing stays held."""
+    store, sku = random_store(), random_sku()
+    async with short_stack.client() as client:
+        await put_stock(client, short_stack.admin, store, sku, 10)
+        async with workers_stopped(short_stack):
+            pending_id = (await create_order(client, store, [(sku, 1)])).json()["order_id"]
+            before = await order_of(client, pending_id)
+            assert before["status"] == "pending"
+            for command in ("confirm", "reserve"):
+                response = await client.post(f"/orders/{pending_id}/{command}")
+                assert is_problem(response, 409), (command, response.text)
+            assert await order_of(client, pending_id) == before
+
+            cancelled_id = (await create_order(client, store, [(sku, 5)])).json()["order_id"]
+            response = await client.post(f"/orders/{cancelled_id}/cancel")
+            assert response.status_code == 202 and response.json()["status"] == "cancelled"
+
+        held = await wait_for_status(client, pending_id, {"reserved", "rejected"}, timeout=60)
+        assert held["status"] == "reserved", held
+
+        async def settled() -> None:
+            kinds = Counter(kinds_for(await movements(client, store, sku), cancelled_id))
+            assert kinds["reserved"] == kinds["released"] + kinds["expired"] <= 1, (
+                "a hold of the cancelled order was never let go", kinds)
+            assert kinds["sold"] == 0
+            item = await stock_item(client, store, sku)
+            assert item["reserved"] in (0, 1), item  # only the first order may still be held
+
+        await eventually(settled, timeout=30)
+        assert (await order_of(client, cancelled_id))["status"] == "cancelled"
+    await assert_invariants(short_stack)
+
+
 async def test_cancel_racing_its_own_order_holds_nothing(short_stack: Stack) -> None:
     """200 orders, each cancelled as soon as its POST answered: at stock the cancel may come
     before, during or after the order's creation; in every case the order ends `cancelled`
@@ -489,16 +499,17 @@ async def test_cancel_racing_its_own_order_holds_nothing(short_stack: Stack) -> 
         ids = await asyncio.gather(*(order_and_cancel(n) for n in range(200)))
 
         async def nothing_held() -> None:
+            ledger = await ledger_by_order(short_stack, store)
+            for order_id in ids:
+                kinds = Counter[str]()
+                for (_sku, kind, _on_hand, _reserved), n in ledger.get(order_id, Counter()).items():
+                    kinds[kind] += n
+                assert kinds["sold"] == 0, (order_id, kinds)
+                assert kinds["reserved"] == kinds["released"] + kinds["expired"], (
+                    "a hold of a cancelled order was never let go", order_id, kinds)
             for sku in skus:
                 item = await stock_item(client, store, sku)
                 assert (item["on_hand"], item["reserved"]) == (1000, 0), item
-            ledger = await ledger_by_order(short_stack, store)
-            for order_id in ids:
-                kinds = Counter({})
-                for (_sku, kind, _oh, _r), n in ledger.get(order_id, Counter()).items():
-                    kinds[kind] += n
-                assert kinds["sold"] == 0, (order_id, kinds)
-                assert kinds["reserved"] == kinds["released"] + kinds["expired"], (order_id, kinds)
 
         await eventually(nothing_held, timeout=60, interval=0.5)
         orders = await asyncio.gather(*(order_of(client, i) for i in ids))

@@ -22,6 +22,7 @@ HOP_BY_HOP = frozenset({
 })
 
 
+BULK_TIMEOUT = 300.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
@@ -44,6 +45,8 @@ async def forward(
     headers["X-Request-ID"] = correlation_id.get() or ""
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     streaming = request.url.path.endswith("/events")
+    if request.url.path == "/stock/import":
+        timeout = max(timeout, BULK_TIMEOUT)  # a whole ERP file is one transaction
     if not streaming and request.query_params.get("wait"):
         timeout += _seconds(request.query_params["wait"])
     client_timeout = aiohttp.ClientTimeout(

@@ -13,7 +13,7 @@ from shared.consumer import TRANSIENT, Consumer
 from shared.db import create_pool
 from shared.logs import configure_logging
 from shared.messaging import ORDERS_STATUS, connect, declare_topology
-from shared.outbox import OutboxRelay
+from shared.outbox import start_relays, stop_relays
 from shared.settings import get_settings
 from shared.web import create_app, serve
 from shared.health import broker_check, database_check
@@ -31,18 +31,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher: Batcher[consumer.Pending] = Batcher(
         consumer.apply_pending(pool), max_size=settings.batch_size, transient=TRANSIENT)
     status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(batcher))
-    relay = OutboxRelay(settings.orders_database_url, pool, exchange)
     app.state.waiters = waiters = StatusWaiters(settings.orders_database_url)
     waiters.start()
-    if settings.outbox_relay:
-        relay.start()
+    relays = start_relays(settings.orders_database_url, exchange) if settings.outbox_relay else []
     await status_consumer.start()
     try:
         yield
     finally:
         await status_consumer.stop()
         await batcher.close()
-        await relay.stop()
+        await stop_relays(relays)
         await waiters.stop()
         await amqp.close()
         await pool.close()

@@ -22,7 +22,7 @@ from orders.domain import (
     check_reserve,
 )
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
-from shared.outbox import add_to_outbox
+from shared.outbox import add_to_outbox, wake_relays
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ async def create_order(
         await _announce(conn, event, order_id)
         if idempotency_key is not None:
             await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest, order_id, order)
+    wake_relays()
     ORDER_STATUS_CHANGES.labels(Status.PENDING).inc()
     return order, True
 
@@ -89,6 +90,7 @@ async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
         check_confirm(Status(row["status"]), row["reserved_until"], datetime.now(UTC))
         order = await _set(conn, row, Status.CONFIRMING, reserved_until=row["reserved_until"])
         await _announce(conn, PedidoConfirmado(order_id=order_id, attempt=row["attempt"]), order_id)
+    wake_relays()
     return order
 
 
@@ -99,6 +101,7 @@ async def cancel(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
             return db.to_order(row)
         order = await _set(conn, row, Status.CANCELLED)
         await _announce(conn, PedidoCancelado(order_id=order_id, attempt=row["attempt"]), order_id)
+    wake_relays()
     return order
 
 
@@ -116,6 +119,7 @@ async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, An
             items=[Line(**item) for item in row["items"]],
         )
         await _announce(conn, event, order_id)
+    wake_relays()
     return order
 
 

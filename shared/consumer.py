@@ -2,9 +2,12 @@
 
 - A message that cannot be parsed or validated is a poison message: it goes to `<queue>.dlq`
   at once with the reason in `x-dead-letter-reason`, and the queue keeps flowing.
-- A transient failure (database down, deadlock, serialization) is retried here with backoff;
-  past that the message is returned to the queue, and the quorum queue's delivery limit
-  dead-letters it if it never succeeds.
+- A transient failure (deadlock, serialization) is retried here with backoff; past that the
+  message is returned to the queue, and the quorum queue's delivery limit dead-letters it if it
+  never succeeds. The database being unreachable (down, restarting, failing over) is retried
+  here for up to OUTAGE_PATIENCE_SECONDS instead: an outage says nothing about the message, and
+  returning it at each failure would spend the delivery limit on the outage (a database down
+  for ~25 s dead-lettered healthy messages, and their orders stayed pending for good).
 - The ack comes only after the handler's transaction committed: a crash before it redelivers,
   and the inbox makes the redelivery a no-op."""
 
@@ -24,6 +27,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -42,6 +46,20 @@ TRANSIENT = (
     asyncpg.exceptions.UniqueViolationError,  # two deliveries racing to create the same row
     asyncio.TimeoutError,
 )
+
+# The database is not there: nothing to do with the message being handled. (TimeoutError is an
+# OSError too: a query that hangs, e.g. on a lock a stuck peer holds, is waited out the same way.)
+UNAVAILABLE = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+# How long one delivery keeps retrying while the database is unreachable before it is returned
+# to the queue. With the delivery limit (5) a message outlives an outage of about half an hour.
+OUTAGE_PATIENCE_SECONDS = 300.0
+ATTEMPTS = 6  # for the other transient failures, per delivery
 
 Parse = Callable[[AbstractIncomingMessage], Any]
 Handle = Callable[[Any, str], Awaitable[None]]
@@ -91,7 +109,7 @@ class Consumer:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(TRANSIENT),
                 wait=wait_exponential_jitter(initial=0.05, max=2),
-                stop=stop_after_attempt(6),
+                stop=_give_up,
                 reraise=True,
                 before_sleep=_log_retry,
             ):
@@ -126,7 +144,17 @@ class Consumer:
         await message.ack()
 
 
+def _give_up(state: RetryCallState) -> bool:
+    """After ATTEMPTS tries, unless the database was unreachable: then after OUTAGE_PATIENCE_SECONDS."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, UNAVAILABLE):
+        return stop_after_delay(OUTAGE_PATIENCE_SECONDS)(state)
+    return stop_after_attempt(ATTEMPTS)(state)
+
+
 def _log_retry(state: RetryCallState) -> None:
+    if state.attempt_number & (state.attempt_number - 1):
+        return  # attempts 1, 2, 4, 8...: an outage of minutes logs a few lines per message
     exc = state.outcome.exception() if state.outcome else None
     log.warning("transient failure; retrying", extra={
         "attempt": state.attempt_number, "error": f"{type(exc).__name__}: {exc}"})

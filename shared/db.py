@@ -32,7 +32,10 @@ async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
     ):
         with attempt:
             return await asyncpg.create_pool(
-                dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30
+                dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30,
+                # A process that hangs mid-transaction (stopped, swapping) must not keep its
+                # row locks for ever: the server ends such a session and everyone moves on.
+                server_settings={"idle_in_transaction_session_timeout": "30s"},
             )
     raise AssertionError("unreachable")
 

@@ -1,13 +1,12 @@
 """Transactional outbox: events are written with the state change, and a relay publishes them.
 
-Exactly one relay per database publishes at a time (a session advisory lock), so events leave in
-the order they were written; the others wait as stand-ins and take over within a second if the
-leader dies. Rows are deleted only after the broker confirmed them: a crash in between publishes
+Exactly one relay per database and lane publishes at a time (a session advisory lock), so events
+leave in the order they were written; the others wait as stand-ins and take over within a second
+if the leader dies. Rows are deleted only after the broker confirmed them: a crash in between publishes
 them again, which the consumers' inbox turns into a no-op."""
 
 import asyncio
 import logging
-from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractExchange
@@ -20,7 +19,11 @@ log = logging.getLogger(__name__)
 
 RELAY_LOCK = 7_000_002
 BATCH = 500
-OUTBOX_BACKLOG = Gauge("outbox_backlog", "Events written but not yet confirmed by the broker")
+POLL_SECONDS = 0.05
+OUTBOX_BACKLOG = Gauge("outbox_backlog", "Events found waiting at the relay's last look (max one batch)", ["lane"])
+_COLUMNS = "id, event_id, event_type, correlation_id, request_id, body::text AS body"
+SELECT_ROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type = ANY($1::text[]) ORDER BY id LIMIT $2"
+SELECT_UNROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type <> ALL($1::text[]) ORDER BY id LIMIT $2"
 
 INSERT_OUTBOX = """
 INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
@@ -38,16 +41,30 @@ async def add_to_outbox(
 
 
 class OutboxRelay:
-    def __init__(self, dsn: str, pool: asyncpg.Pool, exchange: AbstractExchange) -> None:
+    """Publishes one lane of the outbox. Two lanes run side by side so that a flood of stock
+    changes (an ERP import writes one EstoqueAlterado per item) never delays the messages an
+    order waits for; order is kept within a lane, which is all any consumer relies on (per order
+    for commands and answers, per item for stock changes).
+
+    No NOTIFY wakes the relay: NOTIFY serialises every committing transaction on the server (it
+    takes a global lock at commit), which halved the reservation throughput measured with pgbench.
+    The relay is woken in-process by writers (`wake()`) and otherwise polls an index every
+    POLL_SECONDS, which costs next to nothing when the outbox is empty."""
+
+    def __init__(self, dsn: str, exchange: AbstractExchange, lane: str) -> None:
         self.dsn = dsn
-        self.pool = pool
         self.exchange = exchange
+        self.lane = lane
+        self._routed = lane == "orders"
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.lane}")
+
+    def wake(self) -> None:
+        self._wake.set()
 
     async def stop(self) -> None:
         """Publishes what is already written (if leader), then stops."""
@@ -68,27 +85,28 @@ class OutboxRelay:
                 await self._pause(1.0)
 
     async def _lead(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
+        # A connection of its own: the lock lives as long as it does, and the relay never
+        # competes with request handlers for a pooled connection.
+        # A healthy relay talks to the server every POLL_SECONDS; one that hangs is cut off by
+        # the server after a minute, which frees its lock for a stand-in.
+        conn = await asyncpg.connect(self.dsn, server_settings={"idle_session_timeout": "60s"})
         try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
+            lock = RELAY_LOCK + (0 if self._routed else 1)
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
                 if await self._pause(1.0):
                     return
-            await conn.add_listener("outbox", self._on_notify)
             while True:
-                published = await self.flush()
+                published = await self.flush(conn)
                 if published == BATCH:
                     continue
                 if self._stopping.is_set():
                     return
-                await self._pause(1.0)
+                await self._pause(POLL_SECONDS)
         finally:
             await conn.close()
 
-    def _on_notify(self, *_: Any) -> None:
-        self._wake.set()
-
     async def _pause(self, seconds: float) -> bool:
-        """Waits for a NOTIFY, a stop or the timeout. True when stopping."""
+        """Waits for a wake-up, a stop or the timeout. True when stopping."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
         except TimeoutError:
@@ -96,31 +114,47 @@ class OutboxRelay:
         self._wake.clear()
         return self._stopping.is_set()
 
-    async def flush(self) -> int:
-        rows = await self.pool.fetch(
-            "SELECT id, event_id, event_type, correlation_id, request_id, body::text AS body "
-            "FROM outbox ORDER BY id LIMIT $1",
-            BATCH,
-        )
+    async def flush(self, conn: asyncpg.Connection) -> int:
+        query = SELECT_ROUTED if self._routed else SELECT_UNROUTED
+        rows = await conn.fetch(query, list(ROUTED_EVENTS), BATCH)
+        OUTBOX_BACKLOG.labels(self.lane).set(len(rows))
         if not rows:
-            OUTBOX_BACKLOG.set(0)
             return 0
         # All publishes of a batch are in flight together; the channel keeps their order.
         await asyncio.gather(*(self._publish(row) for row in rows))
-        await self.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-        OUTBOX_BACKLOG.set(max(0, len(rows) - BATCH))
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         return len(rows)
 
     async def _publish(self, row: asyncpg.Record) -> None:
-        event_id = str(row["event_id"])
         message = build_message(
             body=row["body"].encode(),
-            event_id=event_id,
+            event_id=str(row["event_id"]),
             event_type=row["event_type"],
             correlation_id=row["correlation_id"],
             request_id=row["request_id"],
         )
-        await self.exchange.publish(
-            message, routing_key=row["event_type"], mandatory=row["event_type"] in ROUTED_EVENTS
-        )
+        await self.exchange.publish(message, routing_key=row["event_type"], mandatory=self._routed)
 
+
+_RUNNING: list[OutboxRelay] = []
+
+
+def start_relays(dsn: str, exchange: AbstractExchange) -> list[OutboxRelay]:
+    """Both lanes; each leads in at most one process at a time (an advisory lock per lane)."""
+    relays = [OutboxRelay(dsn, exchange, "orders"), OutboxRelay(dsn, exchange, "stock-changes")]
+    for relay in relays:
+        relay.start()
+    _RUNNING.extend(relays)
+    return relays
+
+
+async def stop_relays(relays: list[OutboxRelay]) -> None:
+    await asyncio.gather(*(relay.stop() for relay in relays))
+    for relay in relays:
+        _RUNNING.remove(relay)
+
+
+def wake_relays() -> None:
+    """Called by a writer after its commit: publish now instead of at the next poll."""
+    for relay in _RUNNING:
+        relay.wake()

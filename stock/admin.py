@@ -25,10 +25,10 @@ async def put_item(
                     raise Problem(422, "expected_version is required to change an existing item",
                                   errors=[{"loc": "body.expected_version", "msg": "field required"}])
                 raise Problem(409, f"{store_id}/{sku} exists; send its current version to change it")
-            row = await conn.fetchrow(db.CREATE_ITEMS, [store_id], [sku], [on_hand], correlation_id.get())
-            if row is None:  # created concurrently between our read and insert
+            created = await db.create_items(conn, [(store_id, sku, on_hand)], correlation_id.get())
+            if not created:  # created concurrently between our read and insert
                 raise Problem(409, f"{store_id}/{sku} was just created by another request")
-            return db.to_item(row), True
+            return db.to_item(created[0]), True
         if current is None:
             raise Problem(404, f"no stock item {store_id}/{sku}")
         _check_version(current, expected_version)

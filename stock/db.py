@@ -3,7 +3,8 @@
 Lock order (the one rule that keeps concurrent transactions deadlock-free): first each order
 involved (an advisory lock on its id, then its `stock_order` row), in order_id order; then
 `stock_item` rows in (store_id, sku) order, always taken up front by the LOCK_* statements below
-before any item is changed. The advisory lock exists because an order's first message finds no
+before any item is changed; last, once all item locks are held, each store's feed lock (below),
+in store_id order. The order advisory lock exists because an order's first message finds no
 row to lock: without it a cancel and its own PedidoCriado, handled at once by two workers, would
 both see "no row" and each write blindly over the other."""
 
@@ -129,6 +130,14 @@ LOCK_ORDER_IDS = """
 SELECT pg_advisory_xact_lock(hashtextextended(id::text, 7000003))
 FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) ordered
 """
+# The feed lock of a store, held from the first movement written until commit: movements of a
+# store then take their ids in commit order, so the live feed (cursor = movement id) can never
+# pass over a movement that commits later with a smaller id. Only the final writes and the
+# commit are serialised per store; all checks happen before it is taken.
+LOCK_FEEDS = """
+SELECT pg_advisory_xact_lock(hashtextextended(store_id, 7000004))
+FROM (SELECT DISTINCT store_id FROM unnest($1::text[]) AS store_id ORDER BY store_id) ordered
+"""
 LOCK_STOCK_ORDER = "SELECT order_id, store_id, attempt, state, expires_at FROM stock_order WHERE order_id = $1 FOR UPDATE"
 SAVE_STOCK_ORDER = """
 INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
@@ -160,6 +169,20 @@ async def lock_orders(conn: asyncpg.Connection, order_ids: Sequence[uuid.UUID]) 
     await conn.execute(LOCK_ORDER_IDS, list(order_ids))
 
 
+async def lock_feeds(conn: asyncpg.Connection, store_ids: Sequence[str]) -> None:
+    """Call once every item lock the transaction needs is held (see LOCK_FEEDS)."""
+    await conn.execute(LOCK_FEEDS, list(store_ids))
+
+
+async def create_items(
+    conn: asyncpg.Connection, rows: Sequence[tuple[str, str, int]], request_id: str | None
+) -> list[asyncpg.Record]:
+    """Creates items (version 1, ledger `created`); existing ones are left alone."""
+    await lock_feeds(conn, sorted({r[0] for r in rows}))
+    return await conn.fetch(CREATE_ITEMS, [r[0] for r in rows], [r[1] for r in rows],
+                            [r[2] for r in rows], request_id)
+
+
 async def lock_items_of_store(
     conn: asyncpg.Connection, store_id: str, skus: Sequence[str]
 ) -> dict[str, Figures]:
@@ -176,6 +199,7 @@ async def apply_changes(
     request_id: str | None,
 ) -> list[asyncpg.Record]:
     """The one place an existing item changes. The caller holds the items' locks."""
+    await lock_feeds(conn, [store_id])
     return await conn.fetch(
         APPLY_CHANGES,
         store_id,
@@ -268,3 +292,4 @@ INSERT_OUTBOX_MANY = """
 INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
 """
+IMPORT_STORES = "SELECT DISTINCT store_id FROM import_row ORDER BY store_id"

@@ -84,6 +84,7 @@ async def sweep_expired(pool: asyncpg.Pool, batch_size: int) -> int:
         lines = await conn.fetch(db.SELECT_HOLD_LINES, [r["order_id"] for r in claimed])
         pairs = sorted({(r["store_id"], r["sku"]) for r in lines})
         await conn.execute(db.LOCK_ITEMS_ANYWHERE, [p[0] for p in pairs], [p[1] for p in pairs])
+        await db.lock_feeds(conn, sorted({p[0] for p in pairs}))
         for order in claimed:
             await end_hold(conn, order["order_id"], order["store_id"], order["attempt"], "expired")
             await _answer(conn, order["order_id"], order["attempt"], "ReservaExpirada")

@@ -117,12 +117,12 @@ async def import_rows(conn: asyncpg.Connection, rows: AsyncIterator[Row], reques
     short = min((r for r in existing if r["new_on_hand"] < r["reserved"]), key=lambda r: r["line"], default=None)
     if short is not None:
         raise BadRow(short["line"], f"on_hand {short['new_on_hand']} is below the {short['reserved']} units held")
+    await db.lock_feeds(conn, [r["store_id"] for r in await conn.fetch(db.IMPORT_STORES)])
     for store_id, changes in _by_store(existing):
         await db.apply_changes(conn, store_id, "adjusted", changes, None, request_id)
     new = await conn.fetch(db.IMPORT_NEW)
     if new:
-        await conn.execute(db.CREATE_ITEMS, [r["store_id"] for r in new], [r["sku"] for r in new],
-                           [r["on_hand"] for r in new], request_id)
+        await db.create_items(conn, [(r["store_id"], r["sku"], r["on_hand"]) for r in new], request_id)
     total = await conn.fetchval("SELECT count(*) FROM import_row")
     return ImportResult(rows=total, created=len(new), adjusted=len(existing))
 

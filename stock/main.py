@@ -11,7 +11,7 @@ from shared.db import create_pool
 from shared.health import broker_check, database_check
 from shared.logs import configure_logging
 from shared.messaging import connect, declare_topology
-from shared.outbox import OutboxRelay
+from shared.outbox import start_relays, stop_relays
 from shared.settings import get_settings
 from shared.web import create_app, serve
 from stock import worker
@@ -31,16 +31,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     exchange = await declare_topology(channel, settings.delivery_limit)
     # Admin changes write EstoqueAlterado to the outbox; the API relays too, so they leave even
     # when no worker runs (one relay leads at a time, whichever process it is in).
-    relay = OutboxRelay(settings.stock_database_url, pool, exchange)
-    if settings.outbox_relay:
-        relay.start()
+    relays = start_relays(settings.stock_database_url, exchange) if settings.outbox_relay else []
     app.state.feed = StockFeed(pool)
     app.state.sse_ping = settings.sse_ping_seconds
     await app.state.feed.start(channel)
     try:
         yield
     finally:
-        await relay.stop()
+        await stop_relays(relays)
         await amqp.close()
         await pool.close()
 

@@ -20,7 +20,7 @@ import asyncpg
 from shared.events import AtualizarStatus, PedidoCriado
 from stock import db
 from stock.domain import Figures, decide
-from stock.holds import DECISION_LATENCY, HOLD_OUTCOMES, end_hold
+from stock.holds import DECISION_LATENCY, HOLD_OUTCOMES
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ def fresh_commands(
             continue
         if row is not None and row["attempt"] >= cmd.attempt:
             continue
+        if row is not None and row["state"] == "held":
+            # Orders asks again only after a hold ended, so this cannot happen; deciding it would
+            # hold twice, so it is refused loudly instead.
+            log.error("new attempt for an order stock still holds; ignored",
+                      extra={"order_id": str(cmd.order_id), "attempt": cmd.attempt})
+            continue
         if cmd.order_id not in newest or newest[cmd.order_id].attempt < cmd.attempt:
             newest[cmd.order_id] = cmd
     return [cmd for cmd in cmds if newest.get(cmd.order_id) is cmd]
@@ -72,10 +78,6 @@ async def decide_batch(
     order_ids = sorted({c.order_id for c in cmds})
     await db.lock_orders(conn, order_ids)
     known = {r["order_id"]: r for r in await conn.fetch(db.LOCK_STOCK_ORDERS, order_ids)}
-    for row in known.values():
-        if row["state"] == "held" and any(c.order_id == row["order_id"] and c.attempt > row["attempt"] for c in cmds):
-            # Cannot happen through orders' rules (a new attempt follows an ended hold); never leak one.
-            await end_hold(conn, row["order_id"], row["store_id"], row["attempt"], "released")
     cmds = fresh_commands(cmds, known)
     if not cmds:
         return
@@ -129,6 +131,7 @@ def _answer(writes: Writes, cmd: PedidoCriado, status: str, request_id: str | No
 
 async def _write(conn: asyncpg.Connection, items: dict[tuple[str, str], Item], writes: Writes) -> None:
     await conn.execute(db.SAVE_STOCK_ORDERS, *zip(*writes.orders, strict=True))
+    await db.lock_feeds(conn, sorted({m[0] for m in writes.movements}))
     if writes.movements:
         touched = {(m[0], m[1]) for m in writes.movements}
         final = [(key, items[key]) for key in sorted(touched)]

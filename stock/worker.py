@@ -17,7 +17,7 @@ from shared.consumer import TRANSIENT, Consumer, parse_json
 from shared.db import create_pool, first_deliveries, first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
-from shared.outbox import OutboxRelay
+from shared.outbox import start_relays, stop_relays, wake_relays
 from shared.settings import Settings, get_settings
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
 from stock.reserve import decide_batch
@@ -51,6 +51,7 @@ def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-u
             if cmds:
                 request_ids = {cmd.order_id: rid for cmd, _, rid in batch}
                 await decide_batch(conn, cmds, request_ids, settings.reservation_ttl_seconds)
+        wake_relays()
 
     return flush
 
@@ -67,6 +68,7 @@ def handler(pool: asyncpg.Pool, batcher: Batcher[Pending]):  # type: ignore[no-u
                 await on_order_confirmed(conn, cmd)
             else:
                 await on_order_cancelled(conn, cmd)
+        wake_relays()
 
     return handle
 
@@ -95,13 +97,11 @@ async def main() -> None:
     batcher: Batcher[Pending] = Batcher(decide_pending(pool, settings), max_size=settings.batch_size,
                                         transient=TRANSIENT)
     consumer = Consumer(queue, channel, parse, handler(pool, batcher))
-    relay = OutboxRelay(settings.stock_database_url, pool, exchange)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    if settings.outbox_relay:
-        relay.start()
+    relays = start_relays(settings.stock_database_url, exchange) if settings.outbox_relay else []
     sweeper = asyncio.create_task(sweep_forever(pool, settings, stopping))
     await consumer.start()
     log.info("stock worker consuming", extra={"queue": STOCK_ORDERS})
@@ -111,6 +111,6 @@ async def main() -> None:
     await consumer.stop()
     await batcher.close()
     await sweeper
-    await relay.stop()
+    await stop_relays(relays)
     await amqp.close()
     await pool.close()

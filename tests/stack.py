@@ -51,9 +51,16 @@ class Stack:
     settings: Settings = field(default_factory=Settings)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     admin_token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Servers to use instead of the ones `settings` points at (the fault suite runs its own,
+    # with a node name of its own); None: the local servers of `settings`.
+    pg: Postgres | None = None
+    rabbit: Rabbit | None = None
 
     def __post_init__(self) -> None:
-        self.pg, self.rabbit = local_servers(self.settings)
+        if self.pg is None or self.rabbit is None:
+            pg, rabbit = local_servers(self.settings)
+            self.pg = self.pg or pg
+            self.rabbit = self.rabbit or rabbit
         assert self.pg is not None and self.rabbit is not None, "tests need the local servers"
         self.orders_dsn = _with_db(self.settings.orders_database_url, f"orders_{self.name}")
         self.stock_dsn = _with_db(self.settings.stock_database_url, f"stock_{self.name}")

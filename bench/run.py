@@ -1,0 +1,201 @@
+"""`python -m bench.run`: starts a fresh system per scenario (tests.stack.Stack), offers load
+open-loop, measures the pgbench ceiling on the same PostgreSQL and writes bench/results/.
+
+    python -m bench.run [--scenarios uniform,flash-sale,mixed,scale] [--rates 100,200,400]
+                        [--duration 8] [--workers 3] [--quick] [--url http://127.0.0.1:8000]
+
+Everything is bounded (load, drains, pgbench) and every stack is stopped in a finally."""
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import uvloop
+
+from bench import ceiling, report
+from bench.scenarios import Knobs, Target, flash_point, mixed_point, uniform_point
+from shared.devenv import local_servers
+from shared.settings import Settings
+
+SCENARIOS = ("uniform", "flash-sale", "mixed", "scale")
+LOOPBACK = ("127.0.0.1", "localhost")
+
+FULL = {"rates": "100,200,400,800", "duration": 8.0, "flash_orders": 10_000, "flash_units": 500,
+        "flash_rate": 1000.0, "mixed_rate": 500.0, "scale_rate": 400.0, "scale_workers": "1,2,4",
+        "ceiling_seconds": 10, "drain_timeout": 120.0, "skus": 10_000}
+QUICK = {"rates": "50,100", "duration": 3.0, "flash_orders": 1000, "flash_units": 50,
+         "flash_rate": 500.0, "mixed_rate": 100.0, "scale_rate": 100.0, "scale_workers": "1,2",
+         "ceiling_seconds": 3, "drain_timeout": 60.0, "skus": 2000}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: %(default)s")
+    p.add_argument("--rates", help=f"uniform's offered orders/s (default {FULL['rates']})")
+    p.add_argument("--duration", type=float, help="seconds of load per rate (default 8)")
+    p.add_argument("--workers", type=int, default=3, help="stock workers (default 3; scale varies it)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (~2 minutes)")
+    p.add_argument("--skus", type=int, help="items in the uniform/mixed stores (default 10,000; "
+                   "--quick 2,000: seeding's outbox takes ~1 s per 1,000 items to drain)")
+    p.add_argument("--sample", type=float, default=0.1, help="share of orders long-polled (default 0.1)")
+    p.add_argument("--flash-orders", type=int)
+    p.add_argument("--flash-units", type=int)
+    p.add_argument("--flash-rate", type=float)
+    p.add_argument("--mixed-rate", type=float, help="requests/s, 80%% reads (default 500)")
+    p.add_argument("--scale-rate", type=float)
+    p.add_argument("--scale-workers")
+    p.add_argument("--ceiling-seconds", type=int)
+    p.add_argument("--no-ceiling", action="store_true", help="skip pgbench")
+    p.add_argument("--drain-timeout", type=float, help="max seconds to wait for decisions after the load")
+    p.add_argument("--url", help="use this running gateway instead of starting stacks (loopback only)")
+    p.add_argument("--admin-token", help="with --url (default: ADMIN_TOKEN or .run/admin-token)")
+    p.add_argument("--orders-dsn", help="with --url (default: ORDERS_DATABASE_URL)")
+    p.add_argument("--stock-dsn", help="with --url (default: STOCK_DATABASE_URL)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    args.rates = [float(r) for r in args.rates.split(",")]
+    args.scale_workers = [int(w) for w in args.scale_workers.split(",")]
+    if args.url and urlsplit(args.url).hostname not in LOOPBACK:
+        p.error("--url must point at 127.0.0.1: the benchmark sends traffic to loopback only")
+    return args
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+@contextmanager
+def system(args: argparse.Namespace, workers: int) -> Iterator[Target]:
+    """The running system given by --url, or a fresh stack (own databases, vhost, ports)."""
+    if args.url:
+        settings = Settings()
+        token = args.admin_token or settings.resolved_admin_token()
+        pg, _ = local_servers(settings)
+        admin_dsn = pg.admin_dsn() if pg is not None and pg.password_file.exists() else None
+        yield Target(args.url.rstrip("/"), {"Authorization": f"Bearer {token}"},
+                     args.orders_dsn or settings.orders_database_url,
+                     args.stock_dsn or settings.stock_database_url, None, admin_dsn=admin_dsn)
+        return
+    from tests.stack import Stack
+
+    stack = Stack(f"bench{uuid.uuid4().hex[:8]}", workers=workers)
+    try:
+        say(f"starting a stack with {workers} stock worker(s)")
+        stack.start()
+        assert stack.pg is not None
+        yield Target(stack.url, stack.admin, stack.orders_dsn, stack.stock_dsn, workers,
+                     {name: proc.pid for name, proc in stack.procs.items()}, stack.pg.admin_dsn())
+    finally:
+        stack.stop()
+
+
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+
+
+def describe(label: str, point: dict[str, Any]) -> None:
+    server = point.get("server_latency_ms") or {}
+    client = (point.get("client_latency_ms") or {}).get("decision") or {}
+    say(f"{label}: accepted {point.get('accepted_per_s')}/s, settled {point.get('settled_per_s')}/s, "
+        f"server p50/p99 {server.get('p50')}/{server.get('p99')} ms, client p50/p99 "
+        f"{client.get('p50')}/{client.get('p99')} ms, errors {point.get('error_count')}, "
+        f"undecided {point.get('undecided')}, invariants {'ok' if point['invariants'].get('ok') else 'FAILED'}")
+
+
+def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list[dict[str, Any]]) -> None:
+    """Appends each measured point to `points` as soon as it is done (kept if a later one fails)."""
+    def record(label: str, point: dict[str, Any]) -> None:
+        points.append(point)
+        describe(label, point)
+
+    if name == "scale":
+        if args.url:
+            raise NotImplementedError("scale starts its own stacks; not available with --url")
+        for workers in args.scale_workers:
+            with system(args, workers) as target:
+                record(f"scale {workers} worker(s) @ {args.scale_rate:g}/s",
+                       _run(uniform_point(target, args.scale_rate, knobs)))
+        return
+    with system(args, args.workers) as target:
+        if name == "uniform":
+            for rate in args.rates:
+                record(f"uniform @ {rate:g}/s", _run(uniform_point(target, rate, knobs)))
+        elif name == "flash-sale":
+            record(f"flash-sale {args.flash_orders} orders for {args.flash_units} units",
+                   _run(flash_point(target, args.flash_orders, args.flash_units, args.flash_rate, knobs)))
+        elif name == "mixed":
+            record(f"mixed @ {args.mixed_rate:g} requests/s", _run(mixed_point(target, args.mixed_rate, knobs)))
+
+
+def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    pg, _ = local_servers(Settings())
+    if pg is None or not pg.password_file.exists():
+        return {"error": "no local PostgreSQL superuser (the ceiling needs the project's own server)"}
+    say(f"ceiling: pgbench {args.ceiling_seconds} s uniform, then {args.ceiling_seconds} s hot")
+    return ceiling.run_ceiling(pg.admin_dsn(), seconds=args.ceiling_seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    knobs = Knobs(duration=args.duration, skus=args.skus, sample=args.sample,
+                  drain_timeout=args.drain_timeout)
+    if not args.url:
+        from tests.stack import ensure_infrastructure
+
+        ensure_infrastructure()
+    results: dict[str, Any] = {
+        "machine": report.machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("admin_token",)}
+        | {"target": args.url or "fresh stack per scenario"},
+        "scenarios": {},
+    }
+    failed = False
+    for name in args.scenarios:
+        say(f"scenario {name}")
+        body: dict[str, Any] = {"points": []}
+        results["scenarios"][name] = body
+        try:
+            run_scenario(name, args, knobs, body["points"])
+        except NotImplementedError as exc:
+            body["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported, and the other scenarios still run
+            traceback.print_exc()
+            body["error"] = f"{type(exc).__name__}: {exc}"
+            failed = True
+        failed |= any(not p["invariants"].get("ok") for p in body.get("points", []))
+        report.write_all(results)
+    if not args.no_ceiling:
+        try:
+            results["ceiling"] = run_ceiling(args)
+        except Exception as exc:  # noqa: BLE001 - reported in the results
+            traceback.print_exc()
+            results["ceiling"] = {"error": f"{type(exc).__name__}: {exc}"}
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    for path in report.write_all(results):
+        say(f"wrote {path}")
+    if failed:
+        say("some invariant failed or a scenario did not complete: see latest.md")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,12 +102,12 @@ async def _wait_for_change(request: Request, order_id: uuid.UUID, wait: float) -
     key = str(order_id)
     deadline = asyncio.get_running_loop().time() + wait
     while True:
-        future = waiters.register(key)
+        order = await db.fetch_order(_pool(request), order_id)
+        if order is None or order["status"] not in UNSETTLED:
+            return order
+        # Registered with the status just read: a change after that read is never missed.
+        future = waiters.register(key, order["status"])
         try:
-            # Re-read after registering: a change between the first read and now is not lost.
-            order = await db.fetch_order(_pool(request), order_id)
-            if order is None or order["status"] not in UNSETTLED:
-                return order
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return order

@@ -5,6 +5,8 @@ whatever arrived meanwhile. Inside a batch the orders are locked in order_id ord
 sort, so two answers for one order keep their arrival order), which keeps concurrent batches
 from deadlocking."""
 
+from collections.abc import Callable
+
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from asgi_correlation_id import correlation_id
@@ -22,7 +24,9 @@ def parse(message: AbstractIncomingMessage) -> AtualizarStatus:
     return AtualizarStatus.model_validate(parse_json(message))
 
 
-def apply_pending(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
+def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]):  # type: ignore[no-untyped-def]
+    """`on_applied` hears, after commit, which orders the batch touched (long-poll wake-ups)."""
+
     async def flush(batch: list[Pending]) -> None:
         async with pool.acquire() as conn, conn.transaction():
             fresh = await first_deliveries(conn, [message_id for _, message_id, _ in batch])
@@ -37,6 +41,7 @@ def apply_pending(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
                     await apply_status(conn, answer)
                 finally:
                     correlation_id.reset(token)
+        on_applied([str(answer.order_id) for answer, _, _ in todo])
 
     return flush
 

@@ -28,11 +28,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await channel.set_qos(prefetch_count=settings.prefetch_count)
     exchange = await declare_topology(channel, settings.delivery_limit)
     queue = await channel.get_queue(ORDERS_STATUS)
-    batcher: Batcher[consumer.Pending] = Batcher(
-        consumer.apply_pending(pool), max_size=settings.batch_size, transient=TRANSIENT)
-    status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(batcher))
-    app.state.waiters = waiters = StatusWaiters(settings.orders_database_url)
+    app.state.waiters = waiters = StatusWaiters(pool)
     waiters.start()
+    batcher: Batcher[consumer.Pending] = Batcher(
+        consumer.apply_pending(pool, on_applied=waiters.changed),
+        max_size=settings.batch_size, transient=TRANSIENT,
+    )
+    status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(batcher))
     relays = start_relays(settings.orders_database_url, exchange) if settings.outbox_relay else []
     await status_consumer.start()
     try:

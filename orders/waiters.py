@@ -1,63 +1,64 @@
 """Long-poll support: wakes `GET /orders/{id}?wait=` as soon as the order's status changes.
 
-One LISTEN connection per process receives the trigger's NOTIFY for every status change, from
-whichever process made it, and resolves the futures of the requests waiting on that order."""
+A change applied by this process wakes its waiters at once (`changed`, called after commit).
+Changes made by another orders process are found by one query every POLL_SECONDS for all
+waiting orders together, and only while someone waits. (PostgreSQL NOTIFY would wake them too,
+but it serialises every commit on the server: see shared/outbox.py.)"""
 
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterable
 
 import asyncpg
 
 log = logging.getLogger(__name__)
+POLL_SECONDS = 0.1
+STATUSES = "SELECT order_id::text AS order_id, status FROM orders WHERE order_id = ANY($1::uuid[])"
 
 
 class StatusWaiters:
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._waiting: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._waiting: dict[str, dict[asyncio.Future[None], str]] = defaultdict(dict)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="order-status-listener")
+        self._task = asyncio.create_task(self._poll(), name="order-status-poller")
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn)
-                await conn.add_listener("order_status", self._on_notify)
-                closed = asyncio.get_running_loop().create_future()
-                conn.add_termination_listener(lambda _: closed.done() or closed.set_result(None))
-                await closed
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("status listener lost its connection; reconnecting", exc_info=True)
-            self._wake_all()  # anything missed while reconnecting: let waiters re-read
-            await asyncio.sleep(0.5)
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, order_id: str) -> None:
-        for future in self._waiting.pop(order_id, ()):
-            if not future.done():
-                future.set_result(None)
-
-    def _wake_all(self) -> None:
-        for order_id in list(self._waiting):
-            self._on_notify(None, 0, "", order_id)
-
-    def register(self, order_id: str) -> asyncio.Future[None]:
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[order_id].add(future)
+    def register(self, order_id: str, status: str) -> asyncio.Future[None]:
+        """A future resolved when the order leaves `status` (the status the caller just read)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[order_id][future] = status
         return future
 
     def discard(self, order_id: str, future: asyncio.Future[None]) -> None:
         waiting = self._waiting.get(order_id)
         if waiting is not None:
-            waiting.discard(future)
+            waiting.pop(future, None)
             if not waiting:
                 self._waiting.pop(order_id, None)
+
+    def changed(self, order_ids: Iterable[str]) -> None:
+        for order_id in order_ids:
+            for future in self._waiting.pop(order_id, {}):
+                if not future.done():
+                    future.set_result(None)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if not self._waiting:
+                continue
+            try:
+                rows = await self.pool.fetch(STATUSES, list(self._waiting))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("long-poll status check failed; waiters keep waiting", exc_info=True)
+                continue
+            moved = [r["order_id"] for r in rows
+                     if any(seen != r["status"] for seen in self._waiting.get(r["order_id"], {}).values())]
+            self.changed(moved)

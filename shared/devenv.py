@@ -27,7 +27,6 @@ from shared.db import migrate
 from shared.settings import Settings, get_settings
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
-NODE = "inventory@localhost"
 
 
 def say(message: str) -> None:
@@ -157,7 +156,10 @@ def _ensure_traversable(path: Path, user: str) -> None:
 class Rabbit:
     run_dir: Path
     port: int
-    node: str = NODE
+    node: str = ""  # default: one node name per port, so several local brokers can coexist
+
+    def __post_init__(self) -> None:
+        self.node = self.node or f"inventory-{self.port}@localhost"
 
     @property
     def home(self) -> Path:

@@ -216,7 +216,7 @@ def _ceiling_section(results: dict[str, Any]) -> list[str]:
     lines += [f"`{(ceiling.get('uniform') or {}).get('command')}` (one transaction = one order's hold)", "",
               "| workload | orders/s (tps) | avg latency ms | failed |", "|---|---|---|---|"]
     for key, label in (("uniform", "uniform: 3 of 10,000 skus"), ("hot", "hot: 1 sku"),
-                       ("uniform_without_notify", "diagnostic: uniform without the outbox NOTIFY trigger")):
+                       ("uniform_with_notify", "diagnostic: uniform with a NOTIFY trigger on the outbox")):
         run = ceiling.get(key)
         if run is None:
             continue

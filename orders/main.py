@@ -11,12 +11,12 @@ from orders.waiters import StatusWaiters
 from shared.batching import Batcher
 from shared.consumer import TRANSIENT, Consumer
 from shared.db import create_pool
+from shared.health import broker_check, database_check
 from shared.logs import configure_logging
 from shared.messaging import ORDERS_STATUS, connect, declare_topology
 from shared.outbox import start_relays, stop_relays
 from shared.settings import get_settings
 from shared.web import create_app, serve
-from shared.health import broker_check, database_check
 
 
 @asynccontextmanager

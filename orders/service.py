@@ -174,5 +174,13 @@ async def _set(
     return db.to_order(updated)
 
 
-__all__ = ["Refused", "NotFound", "IdempotencyConflict", "create_order", "confirm", "cancel",
-           "reserve_again", "apply_status"]
+__all__ = [
+    "IdempotencyConflict",
+    "NotFound",
+    "Refused",
+    "apply_status",
+    "cancel",
+    "confirm",
+    "create_order",
+    "reserve_again",
+]

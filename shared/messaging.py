@@ -7,14 +7,14 @@ start: declaring is idempotent, and no service then depends on another having st
 import logging
 
 import aio_pika
-from aio_pika.exceptions import AMQPConnectionError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import AMQPConnectionError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 log = logging.getLogger(__name__)
 

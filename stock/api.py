@@ -4,10 +4,10 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request
-from sse_starlette import EventSourceResponse
 from asgi_correlation_id import correlation_id
+from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
 
 from shared.events import Sku, StoreId
 from shared.paging import decode_cursor, encode_cursor

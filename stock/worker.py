@@ -9,7 +9,6 @@ import signal
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
-
 from asgi_correlation_id import correlation_id
 
 from shared.batching import Batcher

@@ -57,7 +57,6 @@ ON CONFLICT (key) DO UPDATE
 SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id,
     response = EXCLUDED.response, created_at = now()
 """
-PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"
 
 
 def to_order(row: asyncpg.Record) -> dict[str, Any]:

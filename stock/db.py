@@ -146,10 +146,6 @@ ON CONFLICT (order_id) DO UPDATE
 SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
     updated_at = now()
 """
-INSERT_HOLD_LINES = """
-INSERT INTO reservation (order_id, store_id, sku, quantity)
-SELECT $1, $2, sku, quantity FROM unnest($3::text[], $4::int[]) AS l(sku, quantity)
-"""
 TAKE_HOLD_LINES = "DELETE FROM reservation WHERE order_id = $1 RETURNING sku, quantity"
 SELECT_HOLD_LINES = """
 SELECT order_id, store_id, sku, quantity FROM reservation WHERE order_id = ANY($1::uuid[])
@@ -161,7 +157,6 @@ ORDER BY expires_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
-EXPIRES_AT = "SELECT clock_timestamp() + make_interval(secs => $1)"
 NOW = "SELECT clock_timestamp()"
 
 

@@ -259,13 +259,7 @@ def _throughput_plot(plt: Any, points: list[dict[str, Any]], path: Path) -> Path
     ax.plot(offered, [p.get("settled_per_s") or 0 for p in points], "s-", label="settled (decided) /s")
     ax.set(xlabel="offered load (orders/s)", ylabel="orders/s", title="uniform: throughput vs offered load",
            xticks=offered)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def _latency_plot(plt: Any, points: list[dict[str, Any]], path: Path) -> Path:
@@ -308,6 +302,11 @@ def _scale_plot(plt: Any, points: list[dict[str, Any]], path: Path) -> Path:
     ax.axhline(points[0]["offered_rate"], ls=":", color="grey", label="offered")
     ax.set(xlabel="stock workers", ylabel="orders/s", title="scale: uniform at one rate",
            xticks=workers)
+    return _finish(plt, fig, ax, path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    """The common end of every plot: axes from zero, grid, legend, saved and closed."""
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()

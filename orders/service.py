@@ -75,15 +75,20 @@ async def create_order(
     return order, True
 
 
+def _order_created(order_id: uuid.UUID, attempt: int, order: Any) -> PedidoCriado:
+    """The PedidoCriado of an attempt, from a request body or an order row (same fields)."""
+    return PedidoCriado(
+        order_id=order_id,
+        attempt=attempt,
+        customer_id=order["customer_id"],
+        store_id=order["store_id"],
+        items=[Line(**item) for item in order["items"]],
+    )
+
+
 async def _insert_announced(conn: asyncpg.Connection, body: dict[str, Any]) -> dict[str, Any]:
     order_id = uuid.uuid4()
-    event = PedidoCriado(
-        order_id=order_id,
-        attempt=1,
-        customer_id=body["customer_id"],
-        store_id=body["store_id"],
-        items=[Line(**item) for item in body["items"]],
-    )
+    event = _order_created(order_id, 1, body)
     row = await conn.fetchrow(
         db.INSERT_ORDER_ANNOUNCED, order_id, body["customer_id"], body["store_id"], body["items"],
         event.event_id, correlation_id.get(), event.model_dump(mode="json"),
@@ -118,13 +123,7 @@ async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, An
         check_reserve(Status(row["status"]))
         attempt = row["attempt"] + 1
         order = await _set(conn, row, Status.PENDING, attempt=attempt)
-        event = PedidoCriado(
-            order_id=order_id,
-            attempt=attempt,
-            customer_id=row["customer_id"],
-            store_id=row["store_id"],
-            items=[Line(**item) for item in row["items"]],
-        )
+        event = _order_created(order_id, attempt, row)
         await _announce(conn, event, order_id)
     wake_relays()
     return order

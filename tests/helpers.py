@@ -67,7 +67,17 @@ async def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> 
 async def check_stock_invariants(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, int]]:
     """Checks, for every item: 0 <= reserved <= on_hand; the held lines add up to `reserved`;
     the ledger is gap-free by version, its times never decrease, and it replays to the figures.
-    Returns the figures by (store, sku)."""
+    Returns the figures by (store, sku).
+
+    All reads share one snapshot (REPEATABLE READ): read one by one, a sweep committing between
+    two of them would look like a broken invariant."""
+    if conn.is_in_transaction():
+        return await _check_stock_invariants(conn)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _check_stock_invariants(conn)
+
+
+async def _check_stock_invariants(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, int]]:
     items = {(r["store_id"], r["sku"]): dict(r) for r in await conn.fetch(
         "SELECT store_id, sku, on_hand, reserved, version FROM stock_item")}
     holds = {(r["store_id"], r["sku"]): r["held"] for r in await conn.fetch(

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orders import db, service
 from orders.domain import UNSETTLED, Refused, Status
+from orders.waiters import StatusWaiters
 from shared.events import Line, Shortage, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
@@ -76,7 +77,7 @@ async def create_order(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> JSONResponse:
     try:
-        order, _ = await service.create_order(_pool(request), body.model_dump(), idempotency_key)
+        order, _ = await request.app.state.intake.create(body.model_dump(), idempotency_key)
     except service.IdempotencyConflict as exc:
         raise Problem(exc.status_code, exc.detail) from None
     return _accepted(order)
@@ -92,21 +93,20 @@ async def get_order(
     order = await db.fetch_order(pool, order_id)
     if order is None:
         raise Problem(404, f"order {order_id} does not exist")
-    if wait > 0 and order["status"] in UNSETTLED:
-        order = await _wait_for_change(request, order_id, wait) or order
+    if wait > 0:
+        order = await wait_for_change(pool, request.app.state.waiters, order, wait)
     return JSONResponse(order)
 
 
-async def _wait_for_change(request: Request, order_id: uuid.UUID, wait: float) -> dict[str, Any] | None:
-    waiters = request.app.state.waiters
-    key = str(order_id)
+async def wait_for_change(
+    pool: Any, waiters: StatusWaiters, order: dict[str, Any], wait: float
+) -> dict[str, Any]:
+    """Long-poll: `order` as just read, or as it is once its status changed or `wait` ran out."""
+    order_id = uuid.UUID(order["order_id"])
     deadline = asyncio.get_running_loop().time() + wait
-    while True:
-        order = await db.fetch_order(_pool(request), order_id)
-        if order is None or order["status"] not in UNSETTLED:
-            return order
+    while order["status"] in UNSETTLED:
         # Registered with the status just read: a change after that read is never missed.
-        future = waiters.register(key, order["status"])
+        future = waiters.register(order["order_id"], order["status"])
         try:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -114,9 +114,13 @@ async def _wait_for_change(request: Request, order_id: uuid.UUID, wait: float) -
             try:
                 await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
             except TimeoutError:
-                return await db.fetch_order(_pool(request), order_id)
+                pass
         finally:
-            waiters.discard(key, future)
+            waiters.discard(order["order_id"], future)
+        order = await db.fetch_order(pool, order_id) or order
+        if asyncio.get_running_loop().time() >= deadline:
+            return order
+    return order
 
 
 @router.get("/orders", responses={200: {"model": OrderPage}, 422: PROBLEMS[422]})

@@ -1,9 +1,8 @@
 """Consumes `orders.status`: stock's answers (`AtualizarStatus`) move the order along.
 
 Answers are applied in natural batches (shared/batching.py): one transaction and one commit for
-whatever arrived meanwhile. Inside a batch the orders are locked in order_id order (a stable
-sort, so two answers for one order keep their arrival order), which keeps concurrent batches
-from deadlocking."""
+whatever arrived meanwhile, with one statement locking the batch's orders and one writing them
+(orders/service.py apply_answers)."""
 
 from collections.abc import Callable
 
@@ -11,7 +10,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from asgi_correlation_id import correlation_id
 
-from orders.service import apply_status
+from orders.service import apply_answers
 from shared.batching import Batcher
 from shared.consumer import parse_json
 from shared.db import first_deliveries
@@ -35,12 +34,8 @@ def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]): 
                 if pending[1] in fresh:
                     fresh.discard(pending[1])  # the same message twice in one batch counts once
                     todo.append(pending)
-            for answer, _, request_id in sorted(todo, key=lambda p: p[0].order_id):
-                token = correlation_id.set(request_id)
-                try:
-                    await apply_status(conn, answer)
-                finally:
-                    correlation_id.reset(token)
+            if todo:
+                await apply_answers(conn, [(answer, request_id) for answer, _, request_id in todo])
         on_applied([str(answer.order_id) for answer, _, _ in todo])
 
     return flush

@@ -25,9 +25,39 @@ WITH created AS (
 SELECT * FROM created
 """
 
+# A batch of orders and the events announcing them in ONE statement (group commit): atomic
+# without BEGIN/COMMIT round trips, one WAL flush for the whole batch (orders/service.py Intake).
+INSERT_ORDERS_ANNOUNCED = f"""
+WITH new AS (
+    -- items and body come as JSON text: asyncpg would read a list inside an array as a dimension
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[],
+                         $7::text[])
+        AS n(order_id, customer_id, store_id, items, event_id, request_id, body)
+), created AS (
+    INSERT INTO orders (order_id, customer_id, store_id, items, status)
+    SELECT order_id, customer_id, store_id, items::jsonb, 'pending' FROM new
+    RETURNING {ORDER_COLUMNS}
+), announced AS (
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+    SELECT event_id, 'PedidoCriado', order_id::text, request_id, body::jsonb FROM new
+)
+SELECT * FROM created
+"""
+
 SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
 
 LOCK_ORDER = f"SELECT {ORDER_COLUMNS}, attempt FROM orders WHERE order_id = $1 FOR UPDATE"
+
+LOCK_ORDERS = "SELECT order_id, status, attempt FROM orders WHERE order_id = ANY($1::uuid[]) ORDER BY order_id FOR UPDATE"
+
+# Stock's answers of a batch, each order's final state (orders/service.py apply_answers).
+SET_STATUSES = """
+UPDATE orders o SET status = n.status, reason = n.reason, unavailable = n.unavailable::jsonb,
+                    reserved_until = n.reserved_until, updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+     AS n(order_id, status, reason, unavailable, reserved_until)
+WHERE o.order_id = n.order_id
+"""
 
 SET_STATUS = f"""
 UPDATE orders SET status = $2, reason = $3, unavailable = $4, reserved_until = $5,

@@ -7,6 +7,8 @@ from fastapi import FastAPI
 
 from orders import consumer
 from orders.api import router
+from orders.fastlane import FastLane
+from orders.service import Intake
 from orders.waiters import StatusWaiters
 from shared.batching import Batcher
 from shared.consumer import TRANSIENT, Consumer
@@ -23,6 +25,7 @@ from shared.web import create_app, serve
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     app.state.pool = pool = await create_pool(settings.orders_database_url, settings.db_pool_size)
+    app.state.intake = intake = Intake(pool, settings.batch_size)
     app.state.amqp = amqp = await connect(settings.amqp_url)
     channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
     await channel.set_qos(prefetch_count=settings.prefetch_count)
@@ -42,6 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await status_consumer.stop()
         await batcher.close()
+        await intake.close()
         await stop_relays(relays)
         await waiters.stop()
         await amqp.close()
@@ -61,4 +65,4 @@ def create() -> FastAPI:
 def run() -> None:
     settings = get_settings()
     configure_logging("orders", settings.log_level)
-    serve(create(), settings.orders_port, settings.bind_host, settings.access_log)
+    serve(FastLane(create()), settings.orders_port, settings.bind_host, settings.access_log)

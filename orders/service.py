@@ -16,11 +16,13 @@ from orders import db
 from orders.domain import (
     Refused,
     Status,
+    Update,
     apply_stock_answer,
     check_cancel,
     check_confirm,
     check_reserve,
 )
+from shared.batching import Batcher
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
 from shared.outbox import add_to_outbox, wake_relays
 
@@ -48,15 +50,53 @@ async def _announce(conn: asyncpg.Connection, event: Any, order_id: uuid.UUID) -
     await add_to_outbox(conn, event, str(order_id), correlation_id.get())
 
 
-async def create_order(
-    pool: asyncpg.Pool, body: dict[str, Any], idempotency_key: str | None
-) -> tuple[dict[str, Any], bool]:
-    """Returns the order and whether it was created now (False: an idempotent replay)."""
-    if idempotency_key is None:
-        async with pool.acquire() as conn:
-            order = await _insert_announced(conn, body)
-    else:
-        async with pool.acquire() as conn, conn.transaction():
+# Failures after which no order of the batch was written, so none is retried alone.
+UNAVAILABLE = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
+
+
+class Intake:
+    """Accepts new orders.
+
+    Orders without an Idempotency-Key are written in natural batches (shared/batching.py): the
+    orders that arrive while the previous batch commits go together, each with its PedidoCriado,
+    in one statement and one commit. A commit (a WAL flush) per order was the database's main
+    cost of a busy accept path; at low load a batch is one order and waits for nothing."""
+
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 100) -> None:
+        self.pool = pool
+        self._batcher: Batcher[tuple[tuple[Any, ...], dict[str, Any]]] = Batcher(
+            self._write, max_size=max_batch, transient=UNAVAILABLE)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    async def create(self, body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+        """Returns the order and whether it was created now (False: an idempotent replay)."""
+        if idempotency_key is None:
+            order_id = uuid.uuid4()
+            event = _order_created(order_id, 1, body)
+            slot: dict[str, Any] = {}
+            await self._batcher.submit(((order_id, body["customer_id"], body["store_id"],
+                                         orjson.dumps(body["items"]).decode(), event.event_id,
+                                         correlation_id.get(), event.model_dump_json()), slot))
+            order = slot["order"]
+        else:
+            order, created = await self._create_once(body, idempotency_key)
+            if not created:
+                return order, False
+        wake_relays()
+        ORDER_STATUS_CHANGES.labels(Status.PENDING).inc()
+        return order, True
+
+    async def _write(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+        columns = list(zip(*(values for values, _ in batch), strict=True))
+        rows = await self.pool.fetch(db.INSERT_ORDERS_ANNOUNCED, *columns)
+        by_id = {row["order_id"]: row for row in rows}
+        for values, slot in batch:
+            slot["order"] = db.to_order(by_id[values[0]])
+
+    async def _create_once(self, body: dict[str, Any], idempotency_key: str) -> tuple[dict[str, Any], bool]:
+        async with self.pool.acquire() as conn, conn.transaction():
             digest = request_hash(body)
             if not await conn.fetchval(db.LOCK_IDEMPOTENCY_KEY, idempotency_key):
                 raise IdempotencyConflict(409, "a request with this Idempotency-Key is in flight")
@@ -70,9 +110,7 @@ async def create_order(
             order = await _insert_announced(conn, body)
             await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest,
                                uuid.UUID(order["order_id"]), order)
-    wake_relays()
-    ORDER_STATUS_CHANGES.labels(Status.PENDING).inc()
-    return order, True
+        return order, True
 
 
 def _order_created(order_id: uuid.UUID, attempt: int, order: Any) -> PedidoCriado:
@@ -129,23 +167,36 @@ async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, An
     return order
 
 
-async def apply_status(conn: asyncpg.Connection, answer: AtualizarStatus) -> None:
-    """Applies stock's answer; the caller holds the transaction and has checked the inbox."""
-    row = await conn.fetchrow(db.LOCK_ORDER, answer.order_id)
-    if row is None:
-        log.warning("status for an unknown order", extra={"order_id": str(answer.order_id)})
-        return
-    outcome = apply_stock_answer(Status(row["status"]), row["attempt"], answer)
-    if outcome.release_again:
-        # The customer cancelled while stock was holding: make sure the hold is let go.
-        await _announce(conn, PedidoCancelado(order_id=answer.order_id, attempt=answer.attempt), answer.order_id)
-    if outcome.update is None:
-        log.info("status update not applied", extra={
-            "order_id": str(answer.order_id), "update": answer.status, "why": outcome.ignored})
-        return
-    u = outcome.update
-    await _set(conn, row, u.status, reason=u.reason, unavailable=u.unavailable or [],
-               reserved_until=u.reserved_until)
+async def apply_answers(conn: asyncpg.Connection, answers: list[tuple[AtualizarStatus, str | None]]) -> None:
+    """Applies a batch of stock's answers, each with its request id, in arrival order. The caller
+    holds the transaction and has checked the inbox. Every order of the batch is locked by one
+    statement (in order_id order, so concurrent batches cannot deadlock) and written by one: the
+    state machine runs in memory in between, so two answers for one order apply in turn."""
+    rows = await conn.fetch(db.LOCK_ORDERS, sorted({answer.order_id for answer, _ in answers}))
+    state = {row["order_id"]: (Status(row["status"]), row["attempt"]) for row in rows}
+    final: dict[uuid.UUID, Update] = {}
+    for answer, request_id in answers:
+        if answer.order_id not in state:
+            log.warning("status for an unknown order", extra={"order_id": str(answer.order_id)})
+            continue
+        status, attempt = state[answer.order_id]
+        outcome = apply_stock_answer(status, attempt, answer)
+        if outcome.release_again:
+            # The customer cancelled while stock was holding: make sure the hold is let go.
+            await add_to_outbox(conn, PedidoCancelado(order_id=answer.order_id, attempt=answer.attempt),
+                                str(answer.order_id), request_id)
+        if outcome.update is None:
+            log.info("status update not applied", extra={
+                "order_id": str(answer.order_id), "update": answer.status, "why": outcome.ignored})
+            continue
+        final[answer.order_id] = outcome.update
+        state[answer.order_id] = (outcome.update.status, attempt)
+        ORDER_STATUS_CHANGES.labels(outcome.update.status.value).inc()
+    if final:
+        await conn.execute(db.SET_STATUSES, list(final), [u.status.value for u in final.values()],
+                           [u.reason for u in final.values()],
+                           [orjson.dumps(u.unavailable or []).decode() for u in final.values()],
+                           [u.reserved_until for u in final.values()])
 
 
 async def _lock(conn: asyncpg.Connection, order_id: uuid.UUID) -> asyncpg.Record:
@@ -175,11 +226,11 @@ async def _set(
 
 __all__ = [
     "IdempotencyConflict",
+    "Intake",
     "NotFound",
     "Refused",
-    "apply_status",
+    "apply_answers",
     "cancel",
     "confirm",
-    "create_order",
     "reserve_again",
 ]

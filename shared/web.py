@@ -206,7 +206,7 @@ def create_app(
         for name, check in checks.items():
             try:
                 await check()
-            except Exception as exc:  # any failure means "not ready", with what failed
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with what failed
                 down[name] = f"{type(exc).__name__}: {exc}"[:300]
         if down:
             detail = "; ".join(f"{k} down" for k in down)
@@ -226,7 +226,7 @@ def create_app(
     return app
 
 
-def serve(app: FastAPI | str, port: int, host: str, access_log: bool = False) -> None:
+def serve(app: ASGIApp | str, port: int, host: str, access_log: bool = False) -> None:
     uvicorn.run(
         app,
         host=host,

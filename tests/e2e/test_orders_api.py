@@ -408,6 +408,33 @@ async def test_wait_on_a_settled_order_answers_at_once(stack: Stack) -> None:
         assert loop.time() - started < 5
 
 
+async def test_both_lanes_answer_alike(stack: Stack) -> None:
+    """Valid POST /orders and GET /orders/{id} are answered by the orders service's fast lane
+    (orders/fastlane.py), other spellings by the full app: both give the same order, carry the
+    request id and are counted under the route template."""
+    async with stack.client() as client:
+        created = await client.post("/orders", json=order_body(), headers={"X-Request-ID": "lanes-1"})
+        assert created.status_code == 202, created.text
+        assert created.headers["x-request-id"] == "lanes-1"
+        order = created.json()
+        fast = await client.get(f"/orders/{order['order_id']}", params={"wait": "0"})
+        slow = await client.get(f"/orders/{order['order_id'].upper()}", headers={"X-Request-ID": "lanes-2"})
+        assert fast.status_code == slow.status_code == 200
+        assert slow.headers["x-request-id"] == "lanes-2"
+        for answer in (fast.json(), slow.json()):
+            assert set(answer) == ORDER_FIELDS
+            assert {k: answer[k] for k in ("order_id", "customer_id", "items", "created_at")} == {
+                k: order[k] for k in ("order_id", "customer_id", "items", "created_at")}
+        assert_problem(await client.get(f"/orders/{uuid.uuid4()}"), 404)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.ports['orders']}") as orders:
+        metrics = (await orders.get("/metrics")).text
+    counted = [line for line in metrics.splitlines() if line.startswith("http_requests_total{")]
+    for method, route, status in (("POST", "/orders", "202"), ("GET", "/orders/{order_id}", "200"),
+                                  ("GET", "/orders/{order_id}", "404")):
+        labels = (f'method="{method}"', f'route="{route}"', f'status="{status}"', 'service="orders"')
+        assert any(all(label in line for label in labels) for line in counted), (method, route, status)
+
+
 @asynccontextmanager
 async def no_stock_workers(stack: Stack) -> AsyncIterator[list[str]]:
     """Stops every stock worker, so orders stay `pending`; the caller starts them again."""

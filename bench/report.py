@@ -196,14 +196,37 @@ def _diagnostics(p: dict[str, Any]) -> str:
     text = (f"generator lag p99 {_num(lag.get('p99'), 0)} ms; outbox backlog max/mean: orders "
             f"{backlog.get('orders_outbox_max')}/{backlog.get('orders_outbox_mean')}, stock "
             f"{backlog.get('stock_outbox_max')}/{backlog.get('stock_outbox_mean')}")
-    cpu = sorted((p.get("cpu_share_of_one_core") or {}).items(), key=lambda kv: -kv[1])
+    cores = p.get("cpu_share_of_one_core") or {}
+    cpu = sorted(((k, v) for k, v in cores.items() if k != "machine"), key=lambda kv: -kv[1])
     if cpu:
-        text += "; CPU (cores): " + ", ".join(f"{name} {share:.2f}" for name, share in cpu[:4])
+        text += (f"; CPU (cores; whole machine {_num(cores.get('machine'), 2)}): "
+                 + ", ".join(f"{name} {share:.2f}" for name, share in cpu[:6]))
+    per_order = cpu_ms_per_order(p)
+    if per_order:
+        text += "; CPU ms per order: " + ", ".join(f"{name} {ms:.2f}" for name, ms in per_order.items())
     sessions = p.get("database_sessions") or {}
     if sessions:
         text += "; busy PostgreSQL sessions (mean): " + ", ".join(
             f"{name} {mean:.2f}" for name, mean in list(sessions.items())[:5])
     return text
+
+
+def cpu_ms_per_order(p: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds each part spent per order that reached the database, stock workers
+    summed, busiest first, the whole machine last: the budget a faster system must cut."""
+    seconds = dict(p.get("cpu_seconds") or {})
+    orders = p.get("orders_in_db") or 0
+    if not seconds or not orders:
+        return {}
+    workers = sum(seconds.pop(name) for name in [n for n in seconds if n.startswith("worker-")])
+    if workers:
+        seconds["stock workers"] = workers
+    machine = seconds.pop("machine", None)
+    ranked = dict(sorted(((k, 1000 * v / orders) for k, v in seconds.items() if v > 0),
+                         key=lambda kv: -kv[1]))
+    if machine is not None:
+        ranked["machine"] = 1000 * machine / orders
+    return {k: round(v, 2) for k, v in ranked.items()}
 
 
 def _ceiling_section(results: dict[str, Any]) -> list[str]:

@@ -162,7 +162,8 @@ async def measure(target: Target, store: str, knobs: Knobs, rate: float, count: 
         "error_count": sum(client["errors"].values()),
         "send_lag_ms": loop.send_lag_ms,
         "outbox_backlog": backlog,
-        "cpu_share_of_one_core": cpu,
+        "cpu_share_of_one_core": cpu["cores"],
+        "cpu_seconds": cpu["seconds"],
         "database_sessions": waits,
         "invariants": invariants,
     }

@@ -253,3 +253,12 @@ def test_everything_is_written_with_plots(tmp_path: Path) -> None:
     } <= names
     assert json.loads((tmp_path / "latest.json").read_text())["ratios"]
     assert (tmp_path / "uniform_latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_ms_per_order_sums_workers_and_keeps_the_machine_last() -> None:
+    point = {"orders_in_db": 500, "cpu_seconds": {
+        "orders": 0.5, "worker-0": 0.25, "worker-1": 0.5, "gateway": 1.0, "machine": 4.0, "idle": 0.0}}
+    per_order = report.cpu_ms_per_order(point)
+    assert per_order == {"gateway": 2.0, "stock workers": 1.5, "orders": 1.0, "machine": 8.0}
+    assert list(per_order)[-1] == "machine"
+    assert report.cpu_ms_per_order({"orders_in_db": 0, "cpu_seconds": {"orders": 1.0}}) == {}

@@ -2,25 +2,18 @@
 
 Each upstream is a list of base URLs taken round-robin. A URL that refuses the connection is
 skipped (the request never reached it, so even a POST may go to the next one); a timeout is not
-retried, since the upstream may have acted on the request."""
+retried, since the upstream may have acted on the request. Failures become problem+json:
+503 (no instance reachable), 504 (no answer in time), 502 (anything else broke)."""
 
-import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import math
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 import aiohttp
-from asgi_correlation_id import correlation_id
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from multidict import CIMultiDict
 
 from shared.problems import Problem
-
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length", "x-request-id",
-})
-
 
 BULK_TIMEOUT = 300.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -37,36 +30,71 @@ class Upstream:
         return self.urls[start:] + self.urls[:start]
 
 
-async def forward(
-    session: aiohttp.ClientSession, upstream: Upstream, request: Request, timeout: float
-) -> Response:
-    body = await request.body()
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["X-Request-ID"] = correlation_id.get() or ""
-    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    streaming = request.url.path.endswith("/events")
-    if request.url.path == "/stock/import":
-        timeout = max(timeout, BULK_TIMEOUT)  # a whole ERP file is one transaction
-    if not streaming and request.query_params.get("wait"):
-        timeout += _seconds(request.query_params["wait"])
-    client_timeout = aiohttp.ClientTimeout(
-        total=None if streaming else timeout, connect=min(timeout, 3.0)
-    )
+def new_session() -> aiohttp.ClientSession:
+    # Idle pooled connections close before the services' keep-alive (75 s) does: see serve().
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+    # No cookie jar: a proxy must not keep one client's cookies and send them for the next.
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                 cookie_jar=aiohttp.DummyCookieJar())
+
+
+class Timeouts:
+    """The time an upstream gets: the default, more for a long-poll (`?wait=`) and a bulk import,
+    no total limit for an event stream. The common case is built once, not per request."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.default = self._client(seconds)
+
+    def of(self, path: str, query: bytes, streaming: bool) -> tuple[float, aiohttp.ClientTimeout]:
+        seconds = self.seconds
+        if path == "/stock/import":
+            seconds = max(seconds, BULK_TIMEOUT)  # a whole ERP file is one transaction
+        if not streaming and b"wait=" in query:
+            seconds += _wait_seconds(query)
+        if streaming:
+            return seconds, aiohttp.ClientTimeout(total=None, connect=min(seconds, 3.0))
+        if seconds == self.seconds:
+            return seconds, self.default
+        return seconds, self._client(seconds)
+
+    @staticmethod
+    def _client(seconds: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=seconds, connect=min(seconds, 3.0))
+
+
+def _wait_seconds(query: bytes) -> float:
+    """The long-poll's `wait` (the last one, as the services read it), clamped to 0–30 s;
+    anything that is not a finite number adds nothing (the upstream answers 422 for it)."""
+    values = [v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == "wait"]
+    try:
+        seconds = float(values[-1]) if values else 0.0
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), 30.0) if math.isfinite(seconds) else 0.0
+
+
+async def open_response(
+    session: aiohttp.ClientSession, upstream: Upstream, method: str, target: str, body: bytes,
+    headers: CIMultiDict[str], timeout: tuple[float, aiohttp.ClientTimeout],
+) -> aiohttp.ClientResponse:
+    """Sends the request to the first reachable URL of `upstream`; returns the response with
+    its headers read and its body not yet."""
+    seconds, client_timeout = timeout
     for base in upstream.rotation():
         try:
-            upstream_response = await _send(session, request.method, base + path, body, headers, client_timeout)
+            return await _send(session, method, base + target, body, headers, client_timeout)
         except aiohttp.ClientConnectorError:
             continue  # refused: try the next URL
         except TimeoutError:
-            raise Problem(504, f"{upstream.name} did not answer within {timeout:g} s") from None
+            raise Problem(504, f"{upstream.name} did not answer within {seconds:g} s") from None
         except aiohttp.ClientError as exc:
             raise Problem(502, f"{upstream.name} failed: {type(exc).__name__}") from None
-        return await _relay(upstream_response, streaming)
     raise Problem(503, f"no {upstream.name} instance is reachable")
 
 
 async def _send(
-    session: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: dict[str, str],
+    session: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: CIMultiDict[str],
     timeout: aiohttp.ClientTimeout,
 ) -> aiohttp.ClientResponse:
     """One request; an idempotent one is sent again once if a pooled connection turned out to
@@ -81,32 +109,10 @@ async def _send(
                                  timeout=timeout, allow_redirects=False)
 
 
-async def _relay(upstream_response: aiohttp.ClientResponse, streaming: bool) -> Response:
-    headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in HOP_BY_HOP}
-    if streaming and upstream_response.status == 200:
-        return StreamingResponse(_chunks(upstream_response), status_code=200, headers=headers)
+async def read_body(upstream_response: aiohttp.ClientResponse) -> bytes:
     try:
-        content = await upstream_response.read()
+        return await upstream_response.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise Problem(502, f"upstream response broke off: {type(exc).__name__}") from None
     finally:
         upstream_response.release()
-    return Response(content, status_code=upstream_response.status, headers=headers)
-
-
-async def _chunks(upstream_response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Passes each chunk on as it arrives: an event stream must not be buffered."""
-    try:
-        async for chunk in upstream_response.content.iter_any():
-            yield chunk
-    except (aiohttp.ClientError, asyncio.CancelledError):
-        pass
-    finally:
-        upstream_response.release()
-
-
-def _seconds(value: str) -> float:
-    try:
-        return min(max(float(value), 0.0), 30.0)
-    except ValueError:
-        return 0.0

@@ -1,5 +1,6 @@
-"""The gateway: the only port a client needs. Routes `/orders…` to orders and `/stores…`,
-`/stock…` to the stock API, and serves one OpenAPI document for both."""
+"""The gateway: the only port a client needs. Forwards `/orders…` to orders and `/stores…`,
+`/stock…` to the stock API on a lean ASGI path (gateway/proxy.py), and serves health, metrics
+and one OpenAPI document for both from a FastAPI app behind it."""
 
 import asyncio
 import logging
@@ -8,30 +9,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.responses import Response
 
-from gateway.forward import Upstream, forward
+from gateway.forward import Upstream, new_session
+from gateway.proxy import Proxy
 from shared.logs import configure_logging
 from shared.settings import get_settings
 from shared.web import create_app, serve
 
 log = logging.getLogger(__name__)
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = get_settings()
-    app.state.upstreams = {
-        "orders": Upstream("orders", settings.orders_upstreams),
-        "stock": Upstream("stock", settings.stock_upstreams),
-    }
-    app.state.timeout = settings.upstream_timeout_seconds
-    # Idle pooled connections close before the services' keep-alive (75 s) does: see serve().
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-    app.state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    proxy: Proxy = app.state.proxy
+    app.state.session = proxy.session = new_session()
     app.state.merged_openapi = None
     loader = asyncio.create_task(_load_openapi(app))
     try:
@@ -85,25 +78,20 @@ def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
     return {f"{name}:{url}": check(url) for name, up in app.state.upstreams.items() for url in up.urls}
 
 
-def create() -> FastAPI:
+def create() -> Proxy:
+    """The ASGI app: the lean forwarding path in front of the FastAPI app."""
+    settings = get_settings()
     app = create_app(service="gateway", title="Inventory gateway", lifespan=lifespan,
-                     readiness=readiness, check_content_type=False,
-                     body_limits={"/stock/import": get_settings().import_max_bytes})
-
-    async def to_orders(request: Request) -> Response:
-        return await forward(app.state.session, app.state.upstreams["orders"], request, app.state.timeout)
-
-    async def to_stock(request: Request) -> Response:
-        return await forward(app.state.session, app.state.upstreams["stock"], request, app.state.timeout)
-
-    for path in ("/orders", "/orders/{rest:path}"):
-        app.add_api_route(path, to_orders, methods=METHODS, include_in_schema=False)
-    for path in ("/stores/{rest:path}", "/stock/{rest:path}"):
-        app.add_api_route(path, to_stock, methods=METHODS, include_in_schema=False)
-
+                     readiness=readiness, check_content_type=False)
+    app.state.upstreams = {
+        "orders": Upstream("orders", settings.orders_upstreams),
+        "stock": Upstream("stock", settings.stock_upstreams),
+    }
+    app.state.proxy = Proxy(app, app.state.upstreams["orders"], app.state.upstreams["stock"],
+                            settings.upstream_timeout_seconds, settings.import_max_bytes)
     base_openapi = app.openapi
     app.openapi = lambda: app.state.merged_openapi or base_openapi()  # type: ignore[method-assign]
-    return app
+    return app.state.proxy
 
 
 def run() -> None:

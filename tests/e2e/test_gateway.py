@@ -1,20 +1,26 @@
-"""The gateway itself (API.md §4, §5): health and metrics, request ids, problem+json for its own
-errors, the one OpenAPI document with offline docs, and 503 when an upstream is unreachable."""
+"""The gateway itself (API.md §4, §5): health and metrics, request ids, body limits,
+problem+json for its own errors, the one OpenAPI document with offline docs, and 503 when an
+upstream is unreachable."""
 
+import asyncio
 import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from html.parser import HTMLParser
 
+import aio_pika
 import httpx
 import pytest
 
-from tests.helpers import assert_problem, eventually, random_sku, random_store
+from shared.messaging import EXCHANGE
+from tests.helpers import assert_problem, create_order, eventually, random_sku, random_store
 from tests.stack import Stack, free_port
 
 # A sample line of the Prometheus text format: name{labels} value [timestamp]
 SAMPLE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})?\s+(\S+)(\s+-?\d+)?$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+MiB = 1024 * 1024
 
 
 # ----- health and metrics --------------------------------------------------------------------
@@ -42,6 +48,40 @@ async def test_metrics_are_prometheus_text(stack: Stack) -> None:
             match = SAMPLE.match(line)
             assert match, f"not a Prometheus sample line: {line!r}"
             float(match.group(2))  # a number, NaN or ±Inf
+
+
+def _samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """The samples of one metric, by their label set."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            match = SAMPLE.match(line)
+            assert match, line
+            found[frozenset(LABEL.findall(match.group(1)))] = float(match.group(2))
+    return found
+
+
+async def test_forwarded_requests_are_counted_by_route_template_not_raw_path(stack: Stack) -> None:
+    order_id = str(uuid.uuid4())
+    labels = frozenset({("service", "gateway"), ("method", "GET"),
+                        ("route", "/orders/{rest:path}"), ("status", "404")})
+    async with stack.client() as client:
+
+        async def counted() -> float:
+            text = (await client.get("/metrics")).text
+            return _samples(text, "http_requests_total").get(labels, 0.0)
+
+        before = await counted()
+        assert (await client.get(f"/orders/{order_id}")).status_code == 404
+
+        async def one_more() -> str:
+            assert await counted() == before + 1
+            return (await client.get("/metrics")).text
+
+        text = await eventually(one_more)
+        latency = _samples(text, "http_request_duration_seconds_count")
+        assert latency.get(labels - {("status", "404")}, 0) >= 1, "the request is timed too"
+        assert order_id not in text, "a raw path would make one series per order"
 
 
 # ----- X-Request-ID --------------------------------------------------------------------------
@@ -82,6 +122,65 @@ async def test_request_id_on_a_refused_body(stack: Stack) -> None:
         assert response.headers.get("x-request-id") == mine
 
 
+async def test_request_id_reaches_the_upstream_and_travels_with_the_order(stack: Stack) -> None:
+    """The id the client gave, or the one the gateway made and answered with, is the one orders
+    got: it is on the PedidoCriado message (API.md §6)."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(await channel.get_exchange(EXCHANGE), routing_key="PedidoCriado")
+        async with stack.client() as client:
+            mine = f"test-{uuid.uuid4()}"
+            given = await create_order(client, random_store(), [(random_sku(), 1)],
+                                       headers={"X-Request-ID": mine})
+            made = await create_order(client, random_store(), [(random_sku(), 1)])
+        assert given.status_code == made.status_code == 202, (given.text, made.text)
+        assert given.headers["x-request-id"] == mine
+        expected = {given.json()["order_id"]: mine,
+                    made.json()["order_id"]: made.headers["x-request-id"]}
+        seen: dict[str, str] = {}
+
+        async def both_published() -> None:
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                seen[str(message.correlation_id)] = str((message.headers or {}).get("x-request-id"))
+            assert {k: seen.get(k) for k in expected} == expected
+
+        await eventually(both_published, timeout=30)
+
+
+async def _chunks(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """A body sent chunked, without Content-Length: only the bytes that arrive tell its size."""
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+async def test_a_streamed_body_over_1_mib_is_413(stack: Stack) -> None:
+    async with stack.client() as client:
+        mine = f"test-{uuid.uuid4()}"
+        response = await client.post(
+            "/orders",
+            content=_chunks(b"{" + b" " * MiB + b"}"),
+            headers={"Content-Type": "application/json", "X-Request-ID": mine},
+        )
+        assert_problem(response, 413)
+        assert response.headers.get("x-request-id") == mine
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "chunked"])
+async def test_an_import_may_be_larger_than_1_mib(stack: Stack, streamed: bool) -> None:
+    """`/stock/import` has its own, larger limit. The file's second line is a 1.5 MiB store id,
+    so the stock API's verdict on it shows the whole body went through."""
+    csv = b"store_id,sku,on_hand\n" + b"S" * (3 * MiB // 2) + b",SKU-1,1\n"
+    async with stack.client() as client:
+        response = await client.post(
+            "/stock/import", content=_chunks(csv) if streamed else csv,
+            headers={**stack.admin, "Content-Type": "text/csv"},
+        )
+    body = assert_problem(response, 422)
+    assert body["detail"].startswith("line 2:"), body
+
+
 # ----- the gateway's own errors --------------------------------------------------------------
 
 
@@ -92,8 +191,11 @@ async def test_request_id_on_a_refused_body(stack: Stack) -> None:
         ("POST", "/health/live", 405),
         ("DELETE", "/orders", 405),
         ("PATCH", "/orders/00000000-0000-4000-8000-000000000000", 405),
+        ("OPTIONS", "/orders", 405),  # the gateway forwards GET, POST, PUT, PATCH and DELETE
+        ("OPTIONS", "/stores/S1/stock/A", 405),
     ],
-    ids=["unknown-path", "post-to-health", "delete-orders", "patch-order"],
+    ids=["unknown-path", "post-to-health", "delete-orders", "patch-order", "options-orders",
+         "options-stock"],
 )
 async def test_unrouted_requests_are_problem_json(
     stack: Stack, method: str, path: str, status: int
@@ -234,3 +336,26 @@ async def test_gateway_with_dead_upstreams_is_live_but_not_ready(dead: httpx.Asy
     body = assert_problem(ready, 503)
     reported = str(body)
     assert "orders" in reported and "stock" in reported, f"each upstream is reported: {body}"
+
+
+async def test_dot_segments_never_reach_an_internal_endpoint(stack: Stack) -> None:
+    """`/orders/../metrics` would be resolved by the upstream client to the orders service's own
+    /metrics; the gateway refuses such paths instead of forwarding them. (Sent on a raw socket:
+    HTTP clients resolve dot segments before sending.)"""
+    for path in ("/orders/../metrics", "/stores/./../health/live", "/stock/%2E%2E/metrics"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.ports["gateway"])
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        status_line = answer.split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.1 404"), (path, answer[:300])
+        assert b"http_requests_total" not in answer
+
+
+async def test_answers_carry_one_date_and_one_server_header(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as client:
+        response = await client.get(f"/orders/{uuid.uuid4()}")
+    assert response.status_code == 404
+    assert len(response.headers.get_list("date")) == 1
+    assert len(response.headers.get_list("server")) <= 1

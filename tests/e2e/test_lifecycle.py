@@ -20,7 +20,12 @@ import httpx
 import orjson
 
 from tests.helpers import (
-    check_stock_invariants, create_order, eventually, put_stock, random_sku, random_store,
+    check_stock_invariants,
+    create_order,
+    eventually,
+    put_stock,
+    random_sku,
+    random_store,
     wait_for_status,
 )
 from tests.stack import Stack

@@ -585,7 +585,7 @@ async def test_list_limit_defaults_to_50_and_takes_up_to_100(stack: Stack) -> No
         "cursor-bad-uuid",
         "cursor-numbers",
         "cursor-one-value",
-    ],  # fmt: skip
+    ],
 )
 async def test_bad_list_parameters_are_422(
     stack: Stack, params: dict[str, str], field: str

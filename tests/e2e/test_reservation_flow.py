@@ -3,7 +3,12 @@
 import asyncio
 
 from tests.helpers import (
-    check_stock_invariants, create_order, put_stock, random_sku, random_store, wait_for_status,
+    check_stock_invariants,
+    create_order,
+    put_stock,
+    random_sku,
+    random_store,
+    wait_for_status,
 )
 from tests.stack import Stack
 

@@ -237,7 +237,7 @@ async def test_list_of_a_store_without_items_is_empty(stack: Stack) -> None:
         "cursor-garbage",
         "cursor-300-chars",
         "cursor-three-values",
-    ],  # fmt: skip
+    ],
 )
 async def test_bad_paging_parameters_are_422(
     stack: Stack, path: str, params: dict[str, str], field: str

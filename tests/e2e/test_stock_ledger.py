@@ -12,6 +12,7 @@ What test_stock_api.py already covers (field rules, paging parameters, the admin
 not repeated here."""
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -106,7 +107,7 @@ def assert_ledger_replays(item: dict[str, Any], moves: list[dict[str, Any]]) -> 
     assert [m["version"] for m in moves] == list(range(1, item["version"] + 1)), (key, item, moves[-3:])
     times = [datetime.fromisoformat(m["at"]) for m in moves]
     assert all(t.utcoffset() is not None for t in times), key
-    assert all(a <= b for a, b in zip(times, times[1:])), f"`at` goes back along the ledger of {key}"
+    assert all(a <= b for a, b in itertools.pairwise(times)), f"`at` goes back along the ledger of {key}"
     assert {m["kind"] for m in moves} <= MOVEMENT_KINDS, key
     replayed = (sum(m["on_hand_delta"] for m in moves), sum(m["reserved_delta"] for m in moves))
     assert replayed == (item["on_hand"], item["reserved"]), (key, item, replayed)
@@ -205,7 +206,7 @@ class Feed:
                 frame = {}
             elif not line.startswith(":"):
                 name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
+                value = value.removeprefix(" ")
                 frame[name] = frame[name] + "\n" + value if name == "data" and name in frame else value
 
     async def next(self, timeout: float = 10.0) -> dict[str, str]:
@@ -451,7 +452,7 @@ async def test_as_of_gives_the_figures_observed_at_each_instant(stack: Stack) ->
                 assert figures(then) == figures(item), (same.isoformat(), then, item)
                 assert datetime.fromisoformat(then["updated_at"]) == instant, (then, item)
 
-        for earlier, (t0, t1) in zip(seen, zip(instants, instants[1:])):
+        for earlier, (t0, t1) in zip(seen, itertools.pairwise(instants)):
             assert t1 - t0 >= timedelta(microseconds=2), "changes made one after another have distinct times"
             response = await as_of(t0 + (t1 - t0) / 2)
             assert response.status_code == 200, response.text

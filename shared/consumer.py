@@ -9,27 +9,26 @@
   returning it at each failure would spend the delivery limit on the outage (a database down
   for ~25 s dead-lettered healthy messages, and their orders stayed pending for good).
 - The ack comes only after the handler's transaction committed: a crash before it redelivers,
-  and the inbox makes the redelivery a no-op."""
+  and the inbox makes the redelivery a no-op. Acks go out in bulk (`BulkAcks`): one
+  `basic.ack(multiple=True)` for all the messages a batch committed, never past a message
+  still in hand."""
 
 import asyncio
 import logging
+import random
+import weakref
 from collections.abc import Awaitable, Callable
+from itertools import count
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.abc import AbstractChannel as AmqpChannel
 from asgi_correlation_id import correlation_id
 from pydantic import ValidationError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
 from shared.messaging import DEAD_LETTER_EXCHANGE
 
@@ -73,6 +72,7 @@ class Consumer:
         self.handle = handle
         self._tag: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._acks: weakref.WeakSet[BulkAcks] = weakref.WeakSet()
 
     async def start(self) -> None:
         self._tag = await self.queue.consume(self._on_message)
@@ -85,42 +85,65 @@ class Consumer:
         deadline = asyncio.get_running_loop().time() + 15
         while self._in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        await asyncio.gather(*(acks.drain() for acks in list(self._acks)))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Registered before anything awaits: deliveries start in tag order, so by the time a
+        # later message is handled, every earlier one of this channel is known to be in hand.
+        try:
+            acks = BulkAcks.of(message.channel)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return  # the channel closed under it: the broker delivers the message again
+        acks.received(message.delivery_tag)
+        self._acks.add(acks)
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
         token = correlation_id.set(_request_id(message))
         try:
-            await self._process(message)
+            await self._process(message, acks)
         finally:
             correlation_id.reset(token)
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: AbstractIncomingMessage, acks: "BulkAcks") -> None:
+        tag = message.delivery_tag
         try:
             event = self.parse(message)
         except (ValidationError, ValueError, orjson.JSONDecodeError) as exc:
-            await self._dead_letter(message, f"invalid message: {exc}"[:1000])
+            try:
+                await self._dead_letter(message, f"invalid message: {exc}"[:1000])
+            finally:
+                acks.settled(tag)
             return
         message_id = message.message_id or str(event.event_id)
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(TRANSIENT),
-                wait=wait_exponential_jitter(initial=0.05, max=2),
-                stop=_give_up,
-                reraise=True,
-                before_sleep=_log_retry,
-            ):
-                with attempt:
-                    await self.handle(event, message_id)
+            await self._handle(event, message_id)
         except Exception:
             log.exception("handling failed; returning the message to the queue",
                           extra={"message_id": message_id, "event_type": message.type})
-            await message.nack(requeue=True)
+            try:
+                await message.nack(requeue=True)
+            finally:
+                acks.settled(tag)
             return
-        await message.ack()
+        acks.handled(tag)
+
+    async def _handle(self, event: Any, message_id: str) -> None:
+        """The handler, retried on transient failures (see the module docstring). A plain loop:
+        it costs nothing when the first attempt succeeds, which is nearly always."""
+        started = asyncio.get_running_loop().time()
+        for attempt in count(1):
+            try:
+                await self.handle(event, message_id)
+                return
+            except TRANSIENT as exc:
+                waited = asyncio.get_running_loop().time() - started
+                if _give_up(exc, attempt, waited):
+                    raise
+                _log_retry(exc, attempt)
+                await asyncio.sleep(_backoff(attempt))
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         log.warning("dead-lettering poison message",
@@ -144,20 +167,111 @@ class Consumer:
         await message.ack()
 
 
-def _give_up(state: RetryCallState) -> bool:
+class BulkAcks:
+    """The acks of one channel, sent together.
+
+    A batch commits many messages at once; acking each costs a frame, a write and the broker's
+    work for each. Instead, the messages handled in one turn of the event loop are acked with a
+    single `basic.ack(multiple=True)` up to the highest of them below the first message still in
+    hand (multiple=True acks *every* unacked delivery up to that tag on the channel, so it must
+    never reach past one not committed yet). Those handled above a message still in hand, e.g.
+    one waiting on a lock, are acked one by one: never held back, or a slow message would stall
+    the channel once its prefetch is used up. Messages nacked or dead-lettered are settled on
+    their own first.
+
+    One instance per channel (`of`), shared by every Consumer on it. Every delivery needing an
+    ack on the channel must go through a Consumer: a bulk ack would cover one it does not know."""
+
+    def __init__(self, channel: AmqpChannel) -> None:
+        self._channel = weakref.ref(channel)  # not kept alive by _BULK_ACKS, which it keys
+        self._in_hand: set[int] = set()
+        self._handled: list[int] = []  # not acked yet
+        self._flush_due = False
+        self._last_send: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, channel: AmqpChannel) -> "BulkAcks":
+        acks = _BULK_ACKS.get(channel)
+        if acks is None:
+            acks = _BULK_ACKS[channel] = cls(channel)
+        return acks
+
+    def received(self, tag: int) -> None:
+        self._in_hand.add(tag)
+
+    def handled(self, tag: int) -> None:
+        """Committed: ack it (soon, with whatever else is handled by then)."""
+        self._in_hand.discard(tag)
+        self._handled.append(tag)
+        self._flush_soon()
+
+    def settled(self, tag: int) -> None:
+        """Nacked or acked on its own: it no longer holds back the others."""
+        self._in_hand.discard(tag)
+        self._flush_soon()
+
+    async def drain(self) -> None:
+        """Sends what can be sent now and waits for it (at shutdown)."""
+        self._flush()
+        if self._last_send is not None:
+            await asyncio.wait([self._last_send])
+
+    def _flush_soon(self) -> None:
+        # After the current turn of the loop: the other messages of the same batch, woken by
+        # the same commit, are marked handled by then and share the ack.
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        first_in_hand = min(self._in_hand, default=None)
+        below = [t for t in self._handled if first_in_hand is None or t < first_in_hand]
+        above = [t for t in self._handled if first_in_hand is not None and t > first_in_hand]
+        self._handled = []
+        acks = [(max(below), True)] if below else []
+        acks += [(tag, False) for tag in above]
+        if acks:
+            self._last_send = asyncio.create_task(self._send(acks, after=self._last_send))
+
+    async def _send(self, acks: list[tuple[int, bool]], after: asyncio.Task[None] | None) -> None:
+        # In the order decided: a bulk ack written before a single ack it already covered would
+        # make that one an unknown tag, which closes the channel.
+        if after is not None:
+            await asyncio.wait([after])
+        channel = self._channel()
+        if channel is None:
+            return  # gone, and its deliveries with it
+        try:
+            for tag, multiple in acks:
+                await channel.basic_ack(tag, multiple=multiple)
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError) as exc:
+            # The channel is gone, and with it the deliveries: the broker hands them out again
+            # and the inbox turns the copies into no-ops.
+            log.warning("could not ack; the messages will be redelivered", extra={"error": repr(exc)})
+
+
+_BULK_ACKS: "weakref.WeakKeyDictionary[AmqpChannel, BulkAcks]" = weakref.WeakKeyDictionary()
+
+
+def _give_up(exc: BaseException, attempt: int, waited: float) -> bool:
     """After ATTEMPTS tries, unless the database was unreachable: then after OUTAGE_PATIENCE_SECONDS."""
-    exc = state.outcome.exception() if state.outcome else None
     if isinstance(exc, UNAVAILABLE):
-        return stop_after_delay(OUTAGE_PATIENCE_SECONDS)(state)
-    return stop_after_attempt(ATTEMPTS)(state)
+        return waited >= OUTAGE_PATIENCE_SECONDS
+    return attempt >= ATTEMPTS
 
 
-def _log_retry(state: RetryCallState) -> None:
-    if state.attempt_number & (state.attempt_number - 1):
+def _backoff(attempt: int) -> float:
+    """Exponential from 50 ms with up to a second of jitter, at most 2 s."""
+    return min(0.05 * 2 ** (attempt - 1) + random.uniform(0, 1), 2.0)
+
+
+def _log_retry(exc: BaseException, attempt: int) -> None:
+    if attempt & (attempt - 1):
         return  # attempts 1, 2, 4, 8...: an outage of minutes logs a few lines per message
-    exc = state.outcome.exception() if state.outcome else None
     log.warning("transient failure; retrying", extra={
-        "attempt": state.attempt_number, "error": f"{type(exc).__name__}: {exc}"})
+        "attempt": attempt, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def _request_id(message: AbstractIncomingMessage) -> str | None:
@@ -170,5 +284,5 @@ def _request_id(message: AbstractIncomingMessage) -> str | None:
 def parse_json(message: AbstractIncomingMessage) -> dict[str, Any]:
     body = orjson.loads(message.body)
     if not isinstance(body, dict):
-        raise ValueError("message body is not a JSON object")
+        raise ValueError("message body is not a JSON object")  # noqa: TRY004 - poison, dead-lettered
     return body

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractExchange
 from prometheus_client import Gauge
 
 from shared.events import Event
-from shared.messaging import ROUTED_EVENTS, build_message
+from shared.messaging import ROUTED_EVENTS, Outgoing, build_properties, publish_batch
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ RELAY_LOCK = 7_000_002
 BATCH = 500
 POLL_SECONDS = 0.05
 OUTBOX_BACKLOG = Gauge("outbox_backlog", "Events found waiting at the relay's last look (max one batch)", ["lane"])
-_COLUMNS = "id, event_id, event_type, correlation_id, request_id, body::text AS body"
+_COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, body::text AS body"
 SELECT_ROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type = ANY($1::text[]) ORDER BY id LIMIT $2"
 SELECT_UNROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type <> ALL($1::text[]) ORDER BY id LIMIT $2"
 
@@ -93,7 +93,9 @@ class OutboxRelay:
         try:
             lock = RELAY_LOCK + (0 if self._routed else 1)
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
-                if await self._pause(1.0):
+                # A stand-in: writers' wake-ups are for the leader (trying the lock at each
+                # commit cost a round trip per batch), so only a stop cuts this wait short.
+                if await self._pause(1.0, wakeable=False):
                     return
             while True:
                 published = await self.flush(conn)
@@ -105,10 +107,10 @@ class OutboxRelay:
         finally:
             await conn.close()
 
-    async def _pause(self, seconds: float) -> bool:
-        """Waits for a wake-up, a stop or the timeout. True when stopping."""
+    async def _pause(self, seconds: float, *, wakeable: bool = True) -> bool:
+        """Waits for a wake-up (if `wakeable`), a stop or the timeout. True when stopping."""
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+            await asyncio.wait_for((self._wake if wakeable else self._stopping).wait(), timeout=seconds)
         except TimeoutError:
             pass
         self._wake.clear()
@@ -120,20 +122,15 @@ class OutboxRelay:
         OUTBOX_BACKLOG.labels(self.lane).set(len(rows))
         if not rows:
             return 0
-        # All publishes of a batch are in flight together; the channel keeps their order.
-        await asyncio.gather(*(self._publish(row) for row in rows))
+        # One write for the batch, in outbox order, then every confirm (see publish_batch).
+        await publish_batch(self.exchange, [self._outgoing(row) for row in rows])
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         return len(rows)
 
-    async def _publish(self, row: asyncpg.Record) -> None:
-        message = build_message(
-            body=row["body"].encode(),
-            event_id=str(row["event_id"]),
-            event_type=row["event_type"],
-            correlation_id=row["correlation_id"],
-            request_id=row["request_id"],
-        )
-        await self.exchange.publish(message, routing_key=row["event_type"], mandatory=self._routed)
+    def _outgoing(self, row: asyncpg.Record) -> Outgoing:
+        properties = build_properties(event_id=row["event_id"], event_type=row["event_type"],
+                                      correlation_id=row["correlation_id"], request_id=row["request_id"])
+        return Outgoing(row["body"].encode(), row["event_type"], properties, mandatory=self._routed)
 
 
 _RUNNING: list[OutboxRelay] = []

@@ -126,6 +126,7 @@ WHERE store_id = $1 AND sku = $2 AND version > $3
 ORDER BY version LIMIT $4
 """
 
+# Takes the advisory lock of each order in $1, in order_id order.
 LOCK_ORDER_IDS = """
 SELECT pg_advisory_xact_lock(hashtextextended(id::text, 7000003))
 FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) ordered
@@ -134,10 +135,11 @@ FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS id ORDER BY id) ordered
 # store then take their ids in commit order, so the live feed (cursor = movement id) can never
 # pass over a movement that commits later with a smaller id. Only the final writes and the
 # commit are serialised per store; all checks happen before it is taken.
-LOCK_FEEDS = """
+_LOCK_FEEDS_OF = """
 SELECT pg_advisory_xact_lock(hashtextextended(store_id, 7000004))
-FROM (SELECT DISTINCT store_id FROM unnest($1::text[]) AS store_id ORDER BY store_id) ordered
+FROM (SELECT DISTINCT store_id FROM unnest({stores}) AS store_id ORDER BY store_id) ordered
 """
+LOCK_FEEDS = _LOCK_FEEDS_OF.format(stores="$1::text[]")
 LOCK_STOCK_ORDER = "SELECT order_id, store_id, attempt, state, expires_at FROM stock_order WHERE order_id = $1 FOR UPDATE"
 SAVE_STOCK_ORDER = """
 INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
@@ -237,54 +239,85 @@ ORDER BY i.store_id, i.sku
 """
 
 # ----- batch decisions (stock/reserve.py) ---------------------------------------------------
-LOCK_STOCK_ORDERS = """
-SELECT order_id, store_id, attempt, state, expires_at FROM stock_order
-WHERE order_id = ANY($1::uuid[]) ORDER BY order_id FOR UPDATE
+# A batch takes five round trips whatever its size: BEGIN, CLAIM_MESSAGES, LOCK_ROWS,
+# SAVE_DECISIONS, COMMIT. Where one statement must take its locks in the lock order, each step
+# reads a one-row count of the step before: no row of it can be produced, and so locked, before
+# every earlier lock is held.
+
+# The orders' advisory locks ($1), then the inbox: the message ids among $2 never handled
+# before. The order locks come first, so two copies of one message in two batches queue on
+# their order instead of deadlocking on each other's inbox row. (The inbox's ON CONFLICT sees
+# what committed while this statement waited; a read would not: see LOCK_ROWS.)
+CLAIM_MESSAGES = f"""
+WITH orders AS (SELECT count(*) AS locked FROM ({LOCK_ORDER_IDS}) l)
+INSERT INTO inbox (message_id)
+SELECT DISTINCT message_id FROM unnest($2::text[]) AS message_id CROSS JOIN orders
+ORDER BY message_id
+ON CONFLICT DO NOTHING RETURNING message_id
 """
-LOCK_ITEMS_FOR_BATCH = """
-SELECT store_id, sku, on_hand, reserved, version, updated_at, clock_timestamp() AS now
-FROM stock_item
-WHERE (store_id, sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-ORDER BY store_id, sku
-FOR UPDATE
+# The orders' stock_order rows ('order' rows), then the items of every line ($2, $3; 'item'
+# rows), locked. A statement of its own, after the order locks are held: its snapshot then
+# includes what another transaction holding them committed (a cancel's tombstone, say), which
+# one statement that waited for those locks would not see.
+LOCK_ROWS = """
+WITH known AS (
+    SELECT order_id, attempt, state FROM stock_order
+    WHERE order_id = ANY($1::uuid[])
+    ORDER BY order_id FOR UPDATE
+), items AS (
+    SELECT s.store_id, s.sku, s.on_hand, s.reserved, s.version, s.updated_at
+    FROM stock_item s CROSS JOIN (SELECT count(*) FROM known) after_orders
+    WHERE (s.store_id, s.sku) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+    ORDER BY s.store_id, s.sku FOR UPDATE OF s
+)
+SELECT 'order' AS kind, order_id, attempt, state, NULL::text AS store_id, NULL::text AS sku,
+       NULL::int AS on_hand, NULL::int AS reserved, NULL::bigint AS version,
+       NULL::timestamptz AS updated_at, clock_timestamp() AS now
+FROM known
+UNION ALL
+SELECT 'item', NULL, NULL, NULL, store_id, sku, on_hand, reserved, version, updated_at, clock_timestamp()
+FROM items
 """
-SET_ITEMS = """
-UPDATE stock_item s SET reserved = n.reserved, version = n.version, updated_at = n.at
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::timestamptz[])
-     AS n(store_id, sku, reserved, version, at)
-WHERE s.store_id = n.store_id AND s.sku = n.sku
-"""
-# The movements of held lines, and their EstoqueAlterado announcements, in one statement.
-INSERT_RESERVED_MOVEMENTS = f"""
-WITH m AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::int[], $6::int[],
-                         $7::int[], $8::uuid[], $9::timestamptz[], $10::uuid[], $11::text[])
-        AS m(store_id, sku, version, on_hand_delta, reserved_delta, on_hand, reserved, order_id,
-             at, event_id, request_id)
+# Every write of a batch: the orders' decisions ($1-$5), the held lines as ledger movements
+# with their EstoqueAlterado ($6-$14; an item's new figures are those of its last movement, its
+# holds are the movements themselves) and the orders' AtualizarStatus ($15-$18). The feed
+# locks (LOCK_FEEDS) come first: the ledger insert reads them, so no movement takes its id
+# before the store's feed is held. Waiting for them inside this statement is safe (unlike in
+# LOCK_ROWS): it reads nothing but its parameters and rows this transaction holds locked.
+SAVE_DECISIONS = f"""
+WITH decided AS (
+    INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
+    SELECT *, now() FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])
+    ON CONFLICT (order_id) DO UPDATE
+    SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
+        updated_at = now()
+), m AS (
+    SELECT gen_random_uuid() AS event_id, * FROM unnest(
+        $6::text[], $7::text[], $8::bigint[], $9::int[], $10::int[], $11::int[], $12::uuid[],
+        $13::timestamptz[], $14::text[])
+        AS m(store_id, sku, version, quantity, on_hand, reserved, order_id, at, request_id)
+), feeds AS (
+    SELECT count(*) AS stores FROM ({_LOCK_FEEDS_OF.format(stores="$6::text[]")}) l
 ), ledger AS (
     INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
                           on_hand, reserved, order_id, at, event_id)
-    SELECT store_id, sku, version, 'reserved', on_hand_delta, reserved_delta, on_hand, reserved,
-           order_id, at, event_id
-    FROM m
+    SELECT store_id, sku, version, 'reserved', 0, quantity, on_hand, reserved, order_id, at, event_id
+    FROM m CROSS JOIN feeds ORDER BY store_id, sku, version
+), held AS (
+    INSERT INTO reservation (order_id, store_id, sku, quantity)
+    SELECT order_id, store_id, sku, quantity FROM m
+), items AS (
+    UPDATE stock_item s SET reserved = last.reserved, version = last.version, updated_at = last.at
+    FROM (SELECT DISTINCT ON (store_id, sku) * FROM m ORDER BY store_id, sku, version DESC) last
+    WHERE s.store_id = last.store_id AND s.sku = last.sku
+), changes AS (
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+    SELECT event_id, 'EstoqueAlterado', order_id::text, request_id, {_stock_changed("at", "'reserved'")}
+    FROM m ORDER BY store_id, sku, version
 )
 INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-SELECT event_id, 'EstoqueAlterado', order_id::text, request_id, {_stock_changed("at", "'reserved'")}
-FROM m ORDER BY store_id, sku, version
-"""
-INSERT_HOLDS = """
-INSERT INTO reservation (order_id, store_id, sku, quantity)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[])
-"""
-SAVE_STOCK_ORDERS = """
-INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
-SELECT *, now() FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])
-ON CONFLICT (order_id) DO UPDATE
-SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
-    updated_at = now()
-"""
-INSERT_OUTBOX_MANY = """
-INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+SELECT event_id, 'AtualizarStatus', correlation_id, request_id, body
+FROM unnest($15::uuid[], $16::text[], $17::text[], $18::jsonb[])
+    AS a(event_id, correlation_id, request_id, body)
 """
 IMPORT_STORES = "SELECT DISTINCT store_id FROM import_row ORDER BY store_id"

@@ -1,10 +1,12 @@
 """Deciding holds for a batch of orders in one transaction (PedidoCriado).
 
-Under load a worker takes every PedidoCriado it has in hand and decides them together: one lock
-of each row, the decisions made in memory one order after another (arrival order, so the first
-customer wins), then every write as one set-based statement per table and one commit. A hot SKU
-is then locked once per batch instead of once per order, which is what lets a flash sale go
-faster than one-order-per-transaction ever can. A batch of one is the quiet-time case.
+Under load a worker takes every PedidoCriado it has in hand and decides them together: its
+orders locked and its messages checked against the inbox by one statement, every row it needs
+locked by the next, the decisions made in memory one order after another (arrival order, so the
+first customer wins), then every write as one statement and one commit. A hot SKU is then locked
+once per batch instead of once per order, which is what lets a flash sale go faster than
+one-order-per-transaction ever can; and a batch costs five round trips to PostgreSQL whatever
+its size. A batch of one is the quiet-time case.
 
 Lock order as everywhere (stock/db.py): the batch's orders first (by order_id), then all its
 items at once in (store_id, sku) order."""
@@ -34,14 +36,27 @@ class Item:
     at: datetime
 
 
+Pending = tuple[PedidoCriado, str, str | None]  # the command, its message_id, its request id
+
+
+@dataclass
+class Locked:
+    """What CLAIM_MESSAGES and LOCK_ROWS found, locked until commit."""
+
+    fresh: set[str]  # message ids never handled before
+    known: dict[uuid.UUID, asyncpg.Record]  # stock_order rows: attempt, state
+    items: dict[tuple[str, str], Item]
+    now: datetime  # read after the item locks
+
+
 @dataclass
 class Writes:
-    """Everything the batch will write, gathered as columns for set-based statements."""
+    """Everything the batch will write, as rows for the set-based SAVE_DECISIONS."""
 
-    movements: list[tuple[Any, ...]] = field(default_factory=list)
-    holds: list[tuple[uuid.UUID, str, str, int]] = field(default_factory=list)
     orders: list[tuple[uuid.UUID, str, int, str, datetime | None]] = field(default_factory=list)
-    events: list[tuple[uuid.UUID, str, str | None, str | None, dict[str, Any]]] = field(default_factory=list)
+    # (store_id, sku, version, quantity, on_hand, reserved, order_id, at, request_id)
+    movements: list[tuple[Any, ...]] = field(default_factory=list)
+    answers: list[tuple[uuid.UUID, str, str | None, dict[str, Any]]] = field(default_factory=list)
 
 
 def fresh_commands(
@@ -69,31 +84,46 @@ def fresh_commands(
     return [cmd for cmd in cmds if newest.get(cmd.order_id) is cmd]
 
 
-async def decide_batch(
-    conn: asyncpg.Connection, cmds: list[PedidoCriado], request_ids: dict[uuid.UUID, str | None],
-    ttl_seconds: float,
-) -> None:
-    """Runs inside the caller's transaction, after the inbox check of every command.
-    `request_ids` carries each order's X-Request-ID into the events the batch writes."""
-    order_ids = sorted({c.order_id for c in cmds})
-    await db.lock_orders(conn, order_ids)
-    known = {r["order_id"]: r for r in await conn.fetch(db.LOCK_STOCK_ORDERS, order_ids)}
-    cmds = fresh_commands(cmds, known)
+async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_seconds: float) -> None:
+    """Decides the batch inside the caller's transaction, each message recorded in the inbox; a
+    message handled before changes nothing. Each order's request id goes into its events."""
+    locked = await _lock(conn, [cmd for cmd, _, _ in batch], [m for _, m, _ in batch])
+    firsts: list[PedidoCriado] = []
+    for cmd, message_id, _ in batch:
+        if message_id in locked.fresh:
+            locked.fresh.discard(message_id)  # the same message twice in one batch counts once
+            firsts.append(cmd)
+    cmds = fresh_commands(firsts, locked.known)
     if not cmds:
         return
-    keys = sorted({(c.store_id, line.sku) for c in cmds for line in c.items})
-    rows = await conn.fetch(db.LOCK_ITEMS_FOR_BATCH, [k[0] for k in keys], [k[1] for k in keys])
-    now: datetime = rows[0]["now"] if rows else await conn.fetchval(db.NOW)
-    items = {(r["store_id"], r["sku"]): Item(Figures(r["on_hand"], r["reserved"]), r["version"],
-                                             max(now, r["updated_at"])) for r in rows}
-    expires_at = now + timedelta(seconds=ttl_seconds)
+    request_ids = {cmd.order_id: request_id for cmd, _, request_id in batch}
+    expires_at = locked.now + timedelta(seconds=ttl_seconds)
     writes = Writes()
     for cmd in cmds:
-        _decide_one(cmd, items, expires_at, writes, request_ids.get(cmd.order_id))
-    await _write(conn, items, writes)
+        _decide_one(cmd, locked.items, expires_at, writes, request_ids.get(cmd.order_id))
+    await conn.execute(db.SAVE_DECISIONS, *_columns(writes.orders, 5),
+                       *_columns(writes.movements, 9), *_columns(writes.answers, 4))
     decided_at = datetime.now(UTC)
     for cmd in cmds:
         DECISION_LATENCY.observe(max(0.0, (decided_at - cmd.occurred_at).total_seconds()))
+
+
+async def _lock(conn: asyncpg.Connection, cmds: list[PedidoCriado], message_ids: list[str]) -> Locked:
+    """Every line's item is locked, even of an order that turns out to be decided already: one
+    round trip for all row locks is worth the rare needless one."""
+    fresh = await conn.fetch(db.CLAIM_MESSAGES, [c.order_id for c in cmds], message_ids)
+    keys = sorted({(c.store_id, line.sku) for c in cmds for line in c.items})
+    rows = await conn.fetch(db.LOCK_ROWS, [c.order_id for c in cmds],
+                            [k[0] for k in keys], [k[1] for k in keys])
+    now: datetime = max(r["now"] for r in rows) if rows else datetime.now(UTC)
+    locked = Locked({r["message_id"] for r in fresh}, {}, {}, now)
+    for r in rows:
+        if r["kind"] == "order":
+            locked.known[r["order_id"]] = r
+        else:
+            figures = Figures(r["on_hand"], r["reserved"])
+            locked.items[(r["store_id"], r["sku"])] = Item(figures, r["version"], max(now, r["updated_at"]))
+    return locked
 
 
 def _decide_one(
@@ -114,10 +144,9 @@ def _decide_one(
         item = items[(cmd.store_id, line.sku)]
         item.figures = Figures(item.figures.on_hand, item.figures.reserved + line.quantity)
         item.version += 1
-        writes.movements.append((cmd.store_id, line.sku, item.version, 0, line.quantity,
+        writes.movements.append((cmd.store_id, line.sku, item.version, line.quantity,
                                  item.figures.on_hand, item.figures.reserved, cmd.order_id, item.at,
-                                 uuid.uuid4(), request_id))
-        writes.holds.append((cmd.order_id, cmd.store_id, line.sku, line.quantity))
+                                 request_id))
     writes.orders.append((cmd.order_id, cmd.store_id, cmd.attempt, "held", expires_at))
     _answer(writes, cmd, "EstoqueReservado", request_id, reserved_until=expires_at)
     HOLD_OUTCOMES.labels("held").inc()
@@ -125,21 +154,9 @@ def _decide_one(
 
 def _answer(writes: Writes, cmd: PedidoCriado, status: str, request_id: str | None, **extra: Any) -> None:
     event = AtualizarStatus(order_id=cmd.order_id, attempt=cmd.attempt, status=status, **extra)  # type: ignore[arg-type]
-    writes.events.append((event.event_id, event.event_type, str(cmd.order_id), request_id,
-                          event.model_dump(mode="json")))
+    writes.answers.append((event.event_id, str(cmd.order_id), request_id, event.model_dump(mode="json")))
 
 
-async def _write(conn: asyncpg.Connection, items: dict[tuple[str, str], Item], writes: Writes) -> None:
-    await conn.execute(db.SAVE_STOCK_ORDERS, *zip(*writes.orders, strict=True))
-    await db.lock_feeds(conn, sorted({m[0] for m in writes.movements}))
-    if writes.movements:
-        touched = {(m[0], m[1]) for m in writes.movements}
-        final = [(key, items[key]) for key in sorted(touched)]
-        await conn.execute(
-            db.SET_ITEMS, [k[0] for k, _ in final], [k[1] for k, _ in final],
-            [i.figures.reserved for _, i in final], [i.version for _, i in final], [i.at for _, i in final],
-        )
-        columns = list(zip(*writes.movements, strict=True))
-        await conn.execute(db.INSERT_RESERVED_MOVEMENTS, *columns)
-        await conn.execute(db.INSERT_HOLDS, *zip(*writes.holds, strict=True))
-    await conn.execute(db.INSERT_OUTBOX_MANY, *zip(*writes.events, strict=True))
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as the column arrays `unnest` takes (empty columns for no rows)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]

@@ -13,13 +13,13 @@ from asgi_correlation_id import correlation_id
 
 from shared.batching import Batcher
 from shared.consumer import TRANSIENT, Consumer, parse_json
-from shared.db import create_pool, first_deliveries, first_delivery
+from shared.db import create_pool, first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
 from shared.outbox import start_relays, stop_relays, wake_relays
 from shared.settings import Settings, get_settings
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
-from stock.reserve import decide_batch
+from stock.reserve import Pending, decide_batch
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +33,12 @@ def parse(message: AbstractIncomingMessage) -> Command:
     return stock_command_adapter.validate_python(body)
 
 
-Pending = tuple[PedidoCriado, str, str | None]  # the command, its message_id, its request id
-
-
 def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-untyped-def]
-    """Decides a batch of PedidoCriado in one transaction, each message recorded in the inbox."""
+    """Decides a batch of PedidoCriado in one transaction (stock/reserve.py)."""
 
     async def flush(batch: list[Pending]) -> None:
         async with pool.acquire() as conn, conn.transaction():
-            fresh = await first_deliveries(conn, [m for _, m, _ in batch])
-            cmds: list[PedidoCriado] = []
-            for cmd, message_id, _ in batch:
-                if message_id in fresh:
-                    fresh.discard(message_id)  # the same message twice in one batch counts once
-                    cmds.append(cmd)
-            if cmds:
-                request_ids = {cmd.order_id: rid for cmd, _, rid in batch}
-                await decide_batch(conn, cmds, request_ids, settings.reservation_ttl_seconds)
+            await decide_batch(conn, batch, settings.reservation_ttl_seconds)
         wake_relays()
 
     return flush

@@ -108,7 +108,7 @@ async def _drop_leftover_databases(pg: Postgres) -> None:
 
 def _exclusive(timeout: float = 600) -> "object":
     """One fault session per checkout at a time: they share `.run/faults` and the node name."""
-    lock = open(RUN_DIR / "session.lock", "w")
+    lock = open(RUN_DIR / "session.lock", "w")  # noqa: SIM115 - the lock lives as long as the open file
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -129,7 +129,7 @@ class Load:
                     self.anomalies.append(f"202 with {order}")
         except httpx.HTTPError as exc:  # refused or broken off: the order may or may not exist
             status = type(exc).__name__
-        except Exception as exc:  # a 202 the client cannot read
+        except Exception as exc:  # noqa: BLE001 - a 202 the client cannot read, whatever the error
             status = type(exc).__name__
             self.anomalies.append(repr(exc))
         finally:
@@ -364,7 +364,8 @@ def local_ports_to(pid: int, remote_port: int) -> set[int]:
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            lines = open(table).read().splitlines()[1:]
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
         except OSError:
             continue
         for line in lines:

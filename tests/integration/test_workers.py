@@ -15,7 +15,12 @@ import httpx
 from shared.events import Line, PedidoCriado
 from shared.messaging import STOCK_ORDERS
 from tests.helpers import (
-    check_stock_invariants, create_order, eventually, put_stock, random_sku, random_store,
+    check_stock_invariants,
+    create_order,
+    eventually,
+    put_stock,
+    random_sku,
+    random_store,
     wait_for_status,
 )
 from tests.stack import Stack

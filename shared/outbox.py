@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 RELAY_LOCK = 7_000_002
 BATCH = 500
 POLL_SECONDS = 0.05
+# While events keep coming, look again this soon. The leader of a lane runs in one process;
+# writers in the others cannot wake it (no NOTIFY, see OutboxRelay), so at the idle pace a stock
+# worker's answer waited 25 ms on average for the relay of another worker (measured p50 59 ms at
+# 100 orders/s). Idle for BUSY_FOR_SECONDS, the relay goes back to POLL_SECONDS.
+BUSY_POLL_SECONDS = 0.003
+BUSY_FOR_SECONDS = 1.0
 OUTBOX_BACKLOG = Gauge("outbox_backlog", "Events found waiting at the relay's last look (max one batch)", ["lane"])
 _COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, body::text AS body"
 SELECT_ROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type = ANY($1::text[]) ORDER BY id LIMIT $2"
@@ -89,7 +95,11 @@ class OutboxRelay:
         # competes with request handlers for a pooled connection.
         # A healthy relay talks to the server every POLL_SECONDS; one that hangs is cut off by
         # the server after a minute, which frees its lock for a stand-in.
-        conn = await asyncpg.connect(self.dsn, server_settings={"idle_session_timeout": "60s"})
+        # Its DELETEs commit without waiting for the WAL flush: a delete lost in a crash only
+        # publishes those events again, which the consumers' inboxes make no-ops; the relay's
+        # next batch no longer waits a disk flush behind the last one.
+        conn = await asyncpg.connect(self.dsn, server_settings={
+            "idle_session_timeout": "60s", "synchronous_commit": "off"})
         try:
             lock = RELAY_LOCK + (0 if self._routed else 1)
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
@@ -97,13 +107,18 @@ class OutboxRelay:
                 # commit cost a round trip per batch), so only a stop cuts this wait short.
                 if await self._pause(1.0, wakeable=False):
                     return
+            last_published = float("-inf")
             while True:
                 published = await self.flush(conn)
                 if published == BATCH:
                     continue
                 if self._stopping.is_set():
                     return
-                await self._pause(POLL_SECONDS)
+                now = asyncio.get_running_loop().time()
+                if published:
+                    last_published = now
+                busy = now - last_published < BUSY_FOR_SECONDS
+                await self._pause(BUSY_POLL_SECONDS if busy else POLL_SECONDS)
         finally:
             await conn.close()
 

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = False
     db_pool_size: int = 10
-    prefetch_count: int = 64
+    # At least twice batch_size: a worker's batch can only hold what the broker let it have
+    # (64: batches of ~29 under a backlog; 256: ~91, and 20% less CPU per order, measured).
+    prefetch_count: int = 256
     batch_size: int = 100  # PedidoCriado decided together in one transaction, at most
     delivery_limit: int = 5
     sweep_batch_size: int = 200

@@ -28,8 +28,8 @@ from shared.settings import Settings
 SCENARIOS = ("uniform", "flash-sale", "mixed", "scale")
 LOOPBACK = ("127.0.0.1", "localhost")
 
-FULL = {"rates": "100,200,400,800", "duration": 8.0, "flash_orders": 10_000, "flash_units": 500,
-        "flash_rate": 1000.0, "mixed_rate": 500.0, "scale_rate": 400.0, "scale_workers": "1,2,4",
+FULL = {"rates": "100,250,500,750,1000", "duration": 8.0, "flash_orders": 10_000, "flash_units": 500,
+        "flash_rate": 1000.0, "mixed_rate": 500.0, "scale_rate": 500.0, "scale_workers": "1,2,4",
         "ceiling_seconds": 10, "drain_timeout": 120.0, "skus": 10_000}
 QUICK = {"rates": "50,100", "duration": 3.0, "flash_orders": 1000, "flash_units": 50,
          "flash_rate": 500.0, "mixed_rate": 100.0, "scale_rate": 100.0, "scale_workers": "1,2",

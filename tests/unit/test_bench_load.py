@@ -122,7 +122,7 @@ def test_quick_fills_in_short_defaults_and_explicit_options_win() -> None:
     args = parse_args(["--quick", "--rates", "10,20"])
     assert args.rates == [10.0, 20.0]
     assert args.duration == 3.0 and args.flash_orders == 1000 and args.scale_workers == [1, 2]
-    assert parse_args([]).rates == [100.0, 200.0, 400.0, 800.0]
+    assert parse_args([]).rates == [100.0, 250.0, 500.0, 750.0, 1000.0]
 
 
 def test_only_loopback_targets() -> None:

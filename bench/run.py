@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: %(default)s")
     p.add_argument("--rates", help=f"uniform's offered orders/s (default {FULL['rates']})")
     p.add_argument("--duration", type=float, help="seconds of load per rate (default 8)")
-    p.add_argument("--workers", type=int, default=3, help="stock workers (default 3; scale varies it)")
+    p.add_argument("--workers", type=int, default=Settings().stock_workers,
+                   help="stock workers (default STOCK_WORKERS, 2; scale varies it)")
     p.add_argument("--quick", action="store_true", help="a short smoke run (~2 minutes)")
     p.add_argument("--skus", type=int, help="items in the uniform/mixed stores (default 10,000; "
                    "--quick 2,000: seeding's outbox takes ~1 s per 1,000 items to drain)")

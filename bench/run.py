@@ -2,7 +2,7 @@
 open-loop, measures the pgbench ceiling on the same PostgreSQL and writes bench/results/.
 
     python -m bench.run [--scenarios uniform,flash-sale,mixed,scale] [--rates 100,200,400]
-                        [--duration 8] [--workers 3] [--quick] [--url http://127.0.0.1:8000]
+                        [--duration 8] [--workers 2] [--quick] [--url http://127.0.0.1:8000]
 
 Everything is bounded (load, drains, pgbench) and every stack is stopped in a finally."""
 

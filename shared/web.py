@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.problems import Problem, problem_response, raw_problem
+from shared.runtime import tune_gc
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ def create_app(
 
 
 def serve(app: ASGIApp | str, port: int, host: str, access_log: bool = False) -> None:
+    tune_gc()
     uvicorn.run(
         app,
         host=host,

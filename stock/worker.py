@@ -17,6 +17,7 @@ from shared.db import create_pool, first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
 from shared.outbox import start_relays, stop_relays, wake_relays
+from shared.runtime import tune_gc
 from shared.settings import Settings, get_settings
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
 from stock.reserve import Pending, decide_batch
@@ -85,6 +86,7 @@ async def main() -> None:
     batcher: Batcher[Pending] = Batcher(decide_pending(pool, settings), max_size=settings.batch_size,
                                         transient=TRANSIENT)
     consumer = Consumer(queue, channel, parse, handler(pool, batcher))
+    tune_gc()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,6 +23,7 @@ import uvloop
 from bench import ceiling, report
 from bench.scenarios import Knobs, Target, flash_point, mixed_point, uniform_point
 from shared.devenv import local_servers
+from shared.runtime import tune_gc
 from shared.settings import Settings
 
 SCENARIOS = ("uniform", "flash-sale", "mixed", "scale")
@@ -157,6 +158,7 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_gc()  # the load generator shares the cores with the system: it should cost little
     knobs = Knobs(duration=args.duration, skus=args.skus, sample=args.sample,
                   drain_timeout=args.drain_timeout)
     if not args.url:

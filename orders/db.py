@@ -11,20 +11,6 @@ ORDER_COLUMNS = (
     "created_at, updated_at"
 )
 
-# An order and the event announcing it in ONE statement: atomic without BEGIN/COMMIT round trips
-# (the hot path of POST /orders without an Idempotency-Key).
-INSERT_ORDER_ANNOUNCED = f"""
-WITH created AS (
-    INSERT INTO orders (order_id, customer_id, store_id, items, status)
-    VALUES ($1, $2, $3, $4, 'pending')
-    RETURNING {ORDER_COLUMNS}
-), announced AS (
-    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-    VALUES ($5, 'PedidoCriado', $1::text, $6, $7)
-)
-SELECT * FROM created
-"""
-
 # A batch of orders and the events announcing them in ONE statement (group commit): atomic
 # without BEGIN/COMMIT round trips, one WAL flush for the whole batch (orders/service.py Intake).
 INSERT_ORDERS_ANNOUNCED = f"""

@@ -73,12 +73,8 @@ class Intake:
     async def create(self, body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
         """Returns the order and whether it was created now (False: an idempotent replay)."""
         if idempotency_key is None:
-            order_id = uuid.uuid4()
-            event = _order_created(order_id, 1, body)
             slot: dict[str, Any] = {}
-            await self._batcher.submit(((order_id, body["customer_id"], body["store_id"],
-                                         orjson.dumps(body["items"]).decode(), event.event_id,
-                                         correlation_id.get(), event.model_dump_json()), slot))
+            await self._batcher.submit((_new_order_row(body), slot))
             order = slot["order"]
         else:
             order, created = await self._create_once(body, idempotency_key)
@@ -89,11 +85,9 @@ class Intake:
         return order, True
 
     async def _write(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
-        columns = list(zip(*(values for values, _ in batch), strict=True))
-        rows = await self.pool.fetch(db.INSERT_ORDERS_ANNOUNCED, *columns)
-        by_id = {row["order_id"]: row for row in rows}
-        for values, slot in batch:
-            slot["order"] = db.to_order(by_id[values[0]])
+        orders = await _insert_announced(self.pool, [values for values, _ in batch])
+        for (values, slot), order in zip(batch, orders, strict=True):
+            slot["order"] = order
 
     async def _create_once(self, body: dict[str, Any], idempotency_key: str) -> tuple[dict[str, Any], bool]:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -107,7 +101,7 @@ class Intake:
                         422, "this Idempotency-Key was used with a different request body"
                     )
                 return seen["response"], False
-            order = await _insert_announced(conn, body)
+            [order] = await _insert_announced(conn, [_new_order_row(body)])
             await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest,
                                uuid.UUID(order["order_id"]), order)
         return order, True
@@ -124,14 +118,21 @@ def _order_created(order_id: uuid.UUID, attempt: int, order: Any) -> PedidoCriad
     )
 
 
-async def _insert_announced(conn: asyncpg.Connection, body: dict[str, Any]) -> dict[str, Any]:
+def _new_order_row(body: dict[str, Any]) -> tuple[Any, ...]:
+    """A new order and its PedidoCriado as one row of INSERT_ORDERS_ANNOUNCED."""
     order_id = uuid.uuid4()
     event = _order_created(order_id, 1, body)
-    row = await conn.fetchrow(
-        db.INSERT_ORDER_ANNOUNCED, order_id, body["customer_id"], body["store_id"], body["items"],
-        event.event_id, correlation_id.get(), event.model_dump(mode="json"),
-    )
-    return db.to_order(row)
+    return (order_id, body["customer_id"], body["store_id"], orjson.dumps(body["items"]).decode(),
+            event.event_id, correlation_id.get(), event.model_dump_json())
+
+
+async def _insert_announced(
+    conn: asyncpg.Connection | asyncpg.Pool, rows: list[tuple[Any, ...]]
+) -> list[dict[str, Any]]:
+    """Inserts the orders with their events in one statement; the orders in the rows' order."""
+    written = await conn.fetch(db.INSERT_ORDERS_ANNOUNCED, *zip(*rows, strict=True))
+    by_id = {row["order_id"]: row for row in written}
+    return [db.to_order(by_id[row[0]]) for row in rows]
 
 
 async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:

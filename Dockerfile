@@ -6,6 +6,7 @@ COPY shared shared
 COPY orders orders
 COPY stock stock
 COPY gateway gateway
+COPY tooling tooling
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 app
 USER app
 ENV BIND_HOST=0.0.0.0 RUN_DIR=/tmp/run

@@ -1,4 +1,4 @@
-"""`python -m bench.run`: starts a fresh system per scenario (tests.stack.Stack), offers load
+"""`python -m bench.run`: starts a fresh system per scenario (tooling.stack.Stack), offers load
 open-loop, measures the pgbench ceiling on the same PostgreSQL and writes bench/results/.
 
     python -m bench.run [--scenarios uniform,flash-sale,mixed,scale] [--rates 100,200,400]
@@ -22,9 +22,9 @@ import uvloop
 
 from bench import ceiling, report
 from bench.scenarios import Knobs, Target, flash_point, mixed_point, uniform_point
-from shared.devenv import local_servers
 from shared.runtime import tune_gc
 from shared.settings import Settings
+from tooling.devenv import local_servers
 
 SCENARIOS = ("uniform", "flash-sale", "mixed", "scale")
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -94,7 +94,7 @@ def system(args: argparse.Namespace, workers: int) -> Iterator[Target]:
                      args.orders_dsn or settings.orders_database_url,
                      args.stock_dsn or settings.stock_database_url, None, admin_dsn=admin_dsn)
         return
-    from tests.stack import Stack
+    from tooling.stack import Stack
 
     stack = Stack(f"bench{uuid.uuid4().hex[:8]}", workers=workers)
     try:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     knobs = Knobs(duration=args.duration, skus=args.skus, sample=args.sample,
                   drain_timeout=args.drain_timeout)
     if not args.url:
-        from tests.stack import ensure_infrastructure
+        from tooling.stack import ensure_infrastructure
 
         ensure_infrastructure()
     results: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from importlib import resources
+from importlib.resources.abc import Traversable
 
 import asyncpg
 import orjson
@@ -69,12 +69,10 @@ async def first_deliveries(conn: asyncpg.Connection, message_ids: list[str]) -> 
     return {r["message_id"] for r in rows}
 
 
-async def migrate(dsn: str, package: str) -> list[str]:
-    """Applies `<package>/migrations/*.sql` in name order, each once, each in its own transaction."""
-    files = sorted(
-        (f for f in resources.files(package).joinpath("migrations").iterdir() if f.name.endswith(".sql")),
-        key=lambda f: f.name,
-    )
+async def migrate(dsn: str, migrations: Traversable) -> list[str]:
+    """Applies the `*.sql` files of `migrations` (a service's MIGRATIONS) in name order, each once,
+    each in its own transaction."""
+    files = sorted((f for f in migrations.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     conn = await asyncpg.connect(dsn)
     applied: list[str] = []
     try:
@@ -91,7 +89,7 @@ async def migrate(dsn: str, package: str) -> list[str]:
                 await conn.execute(file.read_text())
                 await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", file.name)
             applied.append(file.name)
-            log.info("migration applied", extra={"migration": file.name, "package": package})
+            log.info("migration applied", extra={"migration": file.name})
     finally:
         await conn.close()
     return applied

@@ -3,7 +3,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stack import Stack, ensure_infrastructure
+from tooling.stack import Stack, ensure_infrastructure
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from shared.messaging import EXCHANGE
 from tests.helpers import assert_problem, create_order, eventually, random_sku, random_store
-from tests.stack import Stack, free_port
+from tooling.stack import Stack, free_port
 
 # A sample line of the Prometheus text format: name{labels} value [timestamp]
 SAMPLE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})?\s+(\S+)(\s+-?\d+)?$")

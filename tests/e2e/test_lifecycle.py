@@ -28,7 +28,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
-from tests.stack import Stack
+from tooling.stack import Stack
 
 # --------------------------------------------------------------------------------------------
 # small helpers

@@ -22,7 +22,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
-from tests.stack import Stack
+from tooling.stack import Stack
 
 ORDER_FIELDS = {
     "order_id",

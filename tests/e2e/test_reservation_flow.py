@@ -10,7 +10,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
-from tests.stack import Stack
+from tooling.stack import Stack
 
 
 async def test_order_is_reserved_and_stock_held(stack: Stack) -> None:

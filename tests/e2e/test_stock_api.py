@@ -19,7 +19,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
-from tests.stack import Stack
+from tooling.stack import Stack
 
 ITEM_FIELDS = {"store_id", "sku", "on_hand", "reserved", "available", "version", "updated_at"}
 MOVEMENT_KINDS = {"created", "adjusted", "restocked", "reserved", "released", "expired", "sold"}

@@ -38,7 +38,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
-from tests.stack import BIN, ROOT, Stack
+from tooling.stack import BIN, ROOT, Stack
 
 MOVEMENT_KINDS = {"created", "adjusted", "restocked", "reserved", "released", "expired", "sold"}
 ORDER_KINDS = {"reserved", "released", "expired", "sold"}

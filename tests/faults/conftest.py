@@ -13,19 +13,21 @@ import signal
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
-from shared.devenv import Postgres, Rabbit
 from shared.settings import Settings
 from tests.faults.tools import RESULTS, report_table
-from tests.stack import ROOT, Stack, free_port
+from tooling.devenv import Postgres, Rabbit
+from tooling.stack import ROOT, Stack, free_port
 
 RUN_DIR = ROOT / ".run" / "faults"
-NODE = "faults@localhost"
+# One node name per checkout: several checkouts (worktrees) may run this suite at once.
+NODE = f"faults-{zlib.crc32(str(ROOT).encode()):08x}@localhost"
 STACK_PREFIX = "f"
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.devenv import wait_ready
 from shared.messaging import ORDERS_STATUS, STOCK_ORDERS
 from tests.faults.tools import (
     FINAL,
@@ -34,7 +33,8 @@ from tests.faults.tools import (
     wait_all_final,
 )
 from tests.helpers import create_order, eventually
-from tests.stack import Stack
+from tooling.devenv import wait_ready
+from tooling.stack import Stack
 
 pytestmark = pytest.mark.faults
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
-from shared.devenv import Rabbit
 from tests.helpers import check_stock_invariants, create_order, eventually, put_stock, random_store
-from tests.stack import Stack
+from tooling.devenv import Rabbit
+from tooling.stack import Stack
 
 FINAL = {"reserved", "rejected"}
 SKUS = [f"SKU-{i:03d}" for i in range(20)]

@@ -18,7 +18,7 @@ from shared.messaging import STOCK_ORDERS
 from stock import db
 from tests.helpers import eventually, put_stock, random_sku, random_store
 from tests.integration.test_workers import order_event, publish
-from tests.stack import Stack
+from tooling.stack import Stack
 
 
 @pytest.fixture(scope="module")

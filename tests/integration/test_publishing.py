@@ -15,7 +15,6 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import PublishError
 
-from shared.devenv import local_servers
 from shared.messaging import (
     EXCHANGE,
     Outgoing,
@@ -25,7 +24,8 @@ from shared.messaging import (
     publish_batch,
 )
 from shared.settings import Settings
-from tests.stack import _with_vhost
+from tooling.devenv import local_servers
+from tooling.stack import _with_vhost
 
 ROUTED = "AtualizarStatus"     # has a queue (orders.status)
 UNROUTED = "EstoqueAlterado"   # has none unless someone binds one

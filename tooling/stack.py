@@ -19,9 +19,10 @@ import asyncpg
 import httpx
 
 from shared.db import migrate
-from shared.devenv import Postgres, Rabbit, local_servers, up, wait_ready
 from shared.messaging import EXCHANGE, build_message
 from shared.settings import Settings
+from tooling.devenv import Postgres, Rabbit, local_servers, up, wait_ready
+from tooling.migrate import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -93,8 +94,8 @@ class Stack:
         async def databases() -> None:
             await pg.ensure_database(self.orders_dsn, fresh=True)
             await pg.ensure_database(self.stock_dsn, fresh=True)
-            await migrate(self.orders_dsn, "orders")
-            await migrate(self.stock_dsn, "stock")
+            await migrate(self.orders_dsn, MIGRATIONS["orders"])
+            await migrate(self.stock_dsn, MIGRATIONS["stock"])
 
         asyncio.run(databases())
 
@@ -111,7 +112,7 @@ class Stack:
         return self
 
     def start_process(self, name: str, command: str, extra_env: dict[str, str] | None = None) -> None:
-        log = open(self.log_dir / f"{name}.log", "ab")
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child process owns it
         self.procs[name] = subprocess.Popen(
             [str(BIN / command)], env={**self.env(), **(extra_env or {})}, cwd=ROOT,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -194,4 +195,4 @@ def ensure_infrastructure() -> Settings:
     return settings
 
 
-__all__ = ["Stack", "ensure_infrastructure", "Postgres", "Rabbit"]
+__all__ = ["Postgres", "Rabbit", "Stack", "ensure_infrastructure"]

@@ -25,6 +25,7 @@ import asyncpg
 
 from shared.db import migrate
 from shared.settings import Settings, get_settings
+from tooling.migrate import MIGRATIONS
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -241,7 +242,7 @@ def up(settings: Settings) -> list[Postgres | Rabbit]:
         for url, package in ((settings.orders_database_url, "orders"), (settings.stock_database_url, "stock")):
             if pg is not None and _is_local(url):
                 await pg.ensure_database(url)
-            applied = await migrate(url, package)
+            applied = await migrate(url, MIGRATIONS[package])
             if applied:
                 say(f"{package}: applied {', '.join(applied)}")
 

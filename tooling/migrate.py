@@ -3,8 +3,12 @@
 import argparse
 import asyncio
 
+import orders
+import stock
 from shared.db import migrate
 from shared.settings import get_settings
+
+MIGRATIONS = {"orders": orders.MIGRATIONS, "stock": stock.MIGRATIONS}
 
 
 def main() -> None:
@@ -14,7 +18,7 @@ def main() -> None:
     settings = get_settings()
     dsns = {"orders": settings.orders_database_url, "stock": settings.stock_database_url}
     for service in args.services:
-        applied = asyncio.run(migrate(dsns[service], service))
+        applied = asyncio.run(migrate(dsns[service], MIGRATIONS[service]))
         print(f"{service}: {len(applied)} migration(s) applied")
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from bench.load import summarize
-from tests.helpers import check_stock_invariants
+from tooling.invariants import check_stock_invariants
 
 ORDERS_OF_STORE = "SELECT order_id, status, created_at, updated_at FROM orders WHERE store_id = $1"
 UNSETTLED_COUNT = """
@@ -87,7 +87,7 @@ async def check_invariants(
     orders_dsn: str, stock_dsn: str, store: str, initial_on_hand: dict[str, int],
     compare_with_orders: bool = True, timeout: float = 30,
 ) -> dict[str, Any]:
-    """The stock figures against each other (tests.helpers.check_stock_invariants) and, once every
+    """The stock figures against each other (tooling.invariants.check_stock_invariants) and, once every
     order is settled, against the orders: per sku, reserved units == units of reserved orders,
     and units sold == units of confirmed orders. Cancels release asynchronously, so the
     comparison is retried until the deadline before it counts as a failure."""

@@ -20,7 +20,6 @@ import httpx
 import orjson
 
 from tests.helpers import (
-    check_stock_invariants,
     create_order,
     eventually,
     put_stock,
@@ -28,6 +27,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
+from tooling.invariants import check_stock_invariants
 from tooling.stack import Stack
 
 # --------------------------------------------------------------------------------------------

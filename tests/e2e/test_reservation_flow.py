@@ -3,13 +3,13 @@
 import asyncio
 
 from tests.helpers import (
-    check_stock_invariants,
     create_order,
     put_stock,
     random_sku,
     random_store,
     wait_for_status,
 )
+from tooling.invariants import check_stock_invariants
 from tooling.stack import Stack
 
 

@@ -30,7 +30,6 @@ import pytest
 from tests.helpers import (
     assert_invalid,
     assert_problem,
-    check_stock_invariants,
     create_order,
     eventually,
     put_stock,
@@ -38,6 +37,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
+from tooling.invariants import check_stock_invariants
 from tooling.stack import BIN, ROOT, Stack
 
 MOVEMENT_KINDS = {"created", "adjusted", "restocked", "reserved", "released", "expired", "sold"}

@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import check_stock_invariants, create_order, eventually, put_stock, random_store
+from tests.helpers import create_order, eventually, put_stock, random_store
 from tooling.devenv import Rabbit
+from tooling.invariants import check_stock_invariants
 from tooling.stack import Stack
 
 FINAL = {"reserved", "rejected"}

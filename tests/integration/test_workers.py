@@ -15,7 +15,6 @@ import httpx
 from shared.events import Line, PedidoCriado
 from shared.messaging import STOCK_ORDERS
 from tests.helpers import (
-    check_stock_invariants,
     create_order,
     eventually,
     put_stock,
@@ -23,6 +22,7 @@ from tests.helpers import (
     random_store,
     wait_for_status,
 )
+from tooling.invariants import check_stock_invariants
 from tooling.stack import Stack
 
 SETTLE = {"reserved", "rejected"}

@@ -262,3 +262,15 @@ def test_cpu_ms_per_order_sums_workers_and_keeps_the_machine_last() -> None:
     assert per_order == {"gateway": 2.0, "stock workers": 1.5, "orders": 1.0, "machine": 8.0}
     assert list(per_order)[-1] == "machine"
     assert report.cpu_ms_per_order({"orders_in_db": 0, "cpu_seconds": {"orders": 1.0}}) == {}
+
+
+def test_the_benchmark_imports_nothing_from_the_tests() -> None:
+    """bench/ ships without tests/: what both need (the stock invariants) lives in tooling/."""
+    import ast
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    for path in bench.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "tests" or n.startswith("tests.") for n in names), (path.name, names)

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from shared.problems import Problem
 
@@ -83,7 +84,10 @@ async def open_response(
     seconds, client_timeout = timeout
     for base in upstream.rotation():
         try:
-            return await _send(session, method, base + target, body, headers, client_timeout)
+            # encoded=True: sent as it came, neither re-quoted nor normalised (a re-normalised
+            # /orders/%252e%252e/x once reached the upstream as /x)
+            url = URL(base + target, encoded=True)
+            return await _send(session, method, url, body, headers, client_timeout)
         except aiohttp.ClientConnectorError:
             continue  # refused: try the next URL
         except TimeoutError:
@@ -94,7 +98,7 @@ async def open_response(
 
 
 async def _send(
-    session: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: CIMultiDict[str],
+    session: aiohttp.ClientSession, method: str, url: URL, body: bytes, headers: CIMultiDict[str],
     timeout: aiohttp.ClientTimeout,
 ) -> aiohttp.ClientResponse:
     """One request; an idempotent one is sent again once if a pooled connection turned out to

@@ -11,7 +11,7 @@ were FastAPI routes) and problem+json for every error of our own."""
 import asyncio
 import logging
 import time
-import uuid
+from urllib.parse import quote
 
 import aiohttp
 from asgi_correlation_id import correlation_id
@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.forward import Timeouts, Upstream, open_response, read_body
 from gateway.reply import Metrics, Reply
+from shared import edge
+from shared.edge import hides_dot_or_slash
 from shared.problems import Problem
 from shared.web import MAX_BODY_BYTES
 
@@ -49,11 +51,14 @@ class Proxy:
         self.metrics = Metrics()
         self.session: aiohttp.ClientSession | None = None  # opened by the app's lifespan
 
-    def route(self, path: str) -> tuple[str, Upstream] | None:
-        """The metrics label and the upstream of a path; labels are the templates these had as
-        FastAPI routes, so dashboards keep working."""
-        if "/." in path and any(part in (".", "..") for part in path.split("/")):
-            return None  # a dot segment: the upstream client would resolve /orders/../metrics
+    def route(self, scope: Scope) -> tuple[str, Upstream | None] | None:
+        """The metrics label and the upstream of a request's path; labels are the templates these
+        had as FastAPI routes, so dashboards keep working. None: not forwarded (the FastAPI app's);
+        no upstream: refused with 404, since an upstream would resolve the path to another one
+        than the one matched here (/orders/%252e%252e/metrics is the orders' own /metrics)."""
+        if hides_dot_or_slash(_raw_path(scope)):
+            return "unmatched", None
+        path: str = scope["path"]
         if path.startswith("/orders"):
             if path == "/orders":
                 return "/orders", self.orders
@@ -66,7 +71,7 @@ class Proxy:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        routed = self.route(scope["path"]) if scope["type"] == "http" else None
+        routed = self.route(scope) if scope["type"] == "http" else None
         if routed is None:
             await self.app(scope, receive, send)
             return
@@ -76,6 +81,8 @@ class Proxy:
         correlation_id.set(request_id.decode("latin-1"))  # for the log lines of this request
         reply = Reply(send, request_id)
         try:
+            if upstream is None:
+                raise Problem(404, "no such resource")
             await self._forward(scope, receive, reply, upstream, headers, length)
         except Problem as problem:
             await reply.problem(problem)
@@ -99,7 +106,7 @@ class Proxy:
         streaming = path.endswith("/events")
         assert self.session is not None, "the lifespan opens the session before any request"
         upstream_response = await open_response(
-            self.session, upstream, method, _target(path, query), body, headers,
+            self.session, upstream, method, _target(scope, query), body, headers,
             self.timeouts.of(path, query, streaming))
         reply_headers = [(name, value) for name, value in upstream_response.raw_headers
                          if name.lower() not in FROM_UPSTREAM_DROPPED]
@@ -132,7 +139,7 @@ class Proxy:
 
 def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, CIMultiDict[str], bytes | None]:
     """One pass over the request headers (names arrive lower-cased, per ASGI): the request id
-    (the client's, else a new one as asgi-correlation-id makes it), the Content-Length, and the
+    (the client's if it obeys the rule of shared/edge.py, else a new one), the Content-Length, the
     headers to send upstream, repeated ones kept."""
     request_id = b""
     length = None
@@ -145,16 +152,20 @@ def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, CIMultiDict[s
                 length = value
         else:
             forwarded.add(name.decode("latin-1"), value.decode("latin-1"))
-    if not request_id:
-        request_id = uuid.uuid4().hex.encode()
+    request_id = edge.request_id(request_id)
     forwarded["X-Request-ID"] = request_id.decode("latin-1")
     return request_id, forwarded, length
 
 
-def _target(path: str, query: bytes) -> str:
-    """Path and query for the upstream: the decoded path, with what would cut it short escaped
-    as Starlette's URL does, re-quoted by aiohttp. (httptools lets only ASCII into a query.)"""
-    path = path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+def _raw_path(scope: Scope) -> bytes:
+    raw: bytes | None = scope.get("raw_path")
+    return raw if raw is not None else quote(scope["path"]).encode()
+
+
+def _target(scope: Scope, query: bytes) -> str:
+    """Path and query for the upstream exactly as the client sent them (already encoded, sent
+    without re-quoting): the upstream decodes them once, to the path matched here."""
+    path = _raw_path(scope).decode("latin-1")
     return f"{path}?{query.decode('latin-1')}" if query else path
 
 

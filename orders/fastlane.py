@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from orders import api, db
+from shared import edge
 from shared.web import HTTP_LATENCY, HTTP_REQUESTS, MAX_BODY_BYTES
 
 ORDER_PATH = re.compile(r"^/orders/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
@@ -100,7 +101,7 @@ class FastLane:
         """Runs `answer` with the request id set and the request counted, as the full app's
         middleware would. False: `answer` declined (status 0) and nothing was sent."""
         started = time.perf_counter()
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        request_id = edge.request_id(headers.get(b"x-request-id")).decode("latin-1")
         token = correlation_id.set(request_id)
         try:
             status, body, extra = await answer()

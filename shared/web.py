@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.edge import valid_request_id
 from shared.problems import Problem, problem_response, raw_problem
 from shared.runtime import tune_gc
 
@@ -223,7 +224,8 @@ def create_app(
     app.add_middleware(RequestGuard, body_types=(body_types or {}) if check_content_type else None,
                        body_limits=body_limits)
     app.add_middleware(Metrics, service=service)
-    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID", validator=None)
+    # The X-Request-ID rule again (API.md §4): a request may reach a service directly.
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id)
     return app
 
 

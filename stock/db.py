@@ -321,3 +321,27 @@ FROM unnest($15::uuid[], $16::text[], $17::text[], $18::jsonb[])
     AS a(event_id, correlation_id, request_id, body)
 """
 IMPORT_STORES = "SELECT DISTINCT store_id FROM import_row ORDER BY store_id"
+
+# Answers again, with a new event id, orders ($1) asked again for an attempt ($2) already
+# decided (stock/reserve.py asked_again): the last answer given (stock_answer, kept by a trigger
+# on the outbox, migration 020), or for an order answered before answers were kept, one made
+# from its state. Reads only; the caller holds the orders' locks.
+ANSWER_AGAIN = """
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
+SELECT event_id, 'AtualizarStatus', order_id::text, request_id,
+       body || jsonb_build_object('event_id', event_id, 'occurred_at', clock_timestamp())
+FROM (
+    SELECT gen_random_uuid() AS event_id, o.order_id, r.request_id, coalesce(a.body, jsonb_build_object(
+        'event_type', 'AtualizarStatus', 'order_id', o.order_id, 'attempt', o.attempt,
+        'status', CASE o.state WHEN 'held' THEN 'EstoqueReservado'
+                               WHEN 'rejected' THEN 'EstoqueNaoDisponivel'
+                               WHEN 'sold' THEN 'EstoqueBaixado'
+                               WHEN 'expired' THEN 'ReservaExpirada'
+                               ELSE 'ReservaLiberada' END,
+        'reserved_until', CASE WHEN o.state = 'held' THEN o.expires_at END,
+        'unavailable', '[]'::jsonb, 'reason', NULL)) AS body
+    FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(order_id, attempt, request_id)
+    JOIN stock_order o ON o.order_id = r.order_id AND o.attempt = r.attempt
+    LEFT JOIN stock_answer a ON a.order_id = o.order_id AND a.attempt = o.attempt
+) again
+"""

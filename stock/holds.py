@@ -43,6 +43,8 @@ async def on_order_confirmed(conn: asyncpg.Connection, cmd: PedidoConfirmado) ->
         await _answer(conn, cmd.order_id, cmd.attempt, "EstoqueBaixado" if kind == "sold" else "ReservaExpirada")
     elif known["state"] == "expired":
         await _answer(conn, cmd.order_id, cmd.attempt, "ReservaExpirada")
+    elif known["state"] == "sold":  # asked again (orders/reconciler.py): the sale is answered again
+        await _answer(conn, cmd.order_id, cmd.attempt, "EstoqueBaixado")
 
 
 async def on_order_cancelled(conn: asyncpg.Connection, cmd: PedidoCancelado) -> None:

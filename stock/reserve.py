@@ -84,6 +84,13 @@ def fresh_commands(
     return [cmd for cmd in cmds if newest.get(cmd.order_id) is cmd]
 
 
+def asked_again(cmds: list[PedidoCriado], known: dict[uuid.UUID, asyncpg.Record]) -> list[PedidoCriado]:
+    """The commands (new messages) for an attempt stock already decided: orders asks again when
+    the first answer may have been lost (orders/reconciler.py), so it gets the same answer again
+    rather than silence, once per message. None of them is in `fresh_commands`."""
+    return [cmd for cmd in cmds if cmd.order_id in known and known[cmd.order_id]["attempt"] == cmd.attempt]
+
+
 async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_seconds: float) -> None:
     """Decides the batch inside the caller's transaction, each message recorded in the inbox; a
     message handled before changes nothing. Each order's request id goes into its events."""
@@ -93,10 +100,15 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_secon
         if message_id in locked.fresh:
             locked.fresh.discard(message_id)  # the same message twice in one batch counts once
             firsts.append(cmd)
+    request_ids = {cmd.order_id: request_id for cmd, _, request_id in batch}
+    again = asked_again(firsts, locked.known)
+    if again:  # the decision already made, answered again; no stock changes
+        await conn.execute(db.ANSWER_AGAIN, [c.order_id for c in again], [c.attempt for c in again],
+                           [request_ids.get(c.order_id) for c in again])
+        HOLD_OUTCOMES.labels("answered_again").inc(len(again))
     cmds = fresh_commands(firsts, locked.known)
     if not cmds:
         return
-    request_ids = {cmd.order_id: request_id for cmd, _, request_id in batch}
     expires_at = locked.now + timedelta(seconds=ttl_seconds)
     writes = Writes()
     for cmd in cmds:

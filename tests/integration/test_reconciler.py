@@ -13,7 +13,8 @@ import pytest
 
 from shared.events import Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
 from shared.messaging import EXCHANGE
-from tests.helpers import check_stock_invariants, eventually, put_stock, random_sku, random_store
+from tests.helpers import eventually, put_stock, random_sku, random_store
+from tooling.invariants import check_stock_invariants
 from tooling.stack import Stack
 
 

@@ -4,8 +4,8 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import Send
 
+from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from shared.problems import PROBLEM_JSON, Problem, problem_body
-from shared.web import HTTP_LATENCY, HTTP_REQUESTS
 
 SERVICE = "gateway"
 PROBLEM_TYPE = (b"content-type", PROBLEM_JSON.encode())
@@ -59,7 +59,7 @@ class Metrics:
         if children is None:
             children = self._children[key] = (
                 HTTP_REQUESTS.labels(SERVICE, method, route, str(status)),
-                HTTP_LATENCY.labels(SERVICE, method, route),
+                HTTP_LATENCY.labels(SERVICE, route),
             )
         children[0].inc()
         children[1].observe(seconds)

@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from asgi_correlation_id import correlation_id
 
 from orders.service import apply_answers
+from shared import metrics
 from shared.batching import Batcher
 from shared.consumer import parse_json
 from shared.db import first_deliveries
@@ -27,7 +28,7 @@ def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]): 
     """`on_applied` hears, after commit, which orders the batch touched (long-poll wake-ups)."""
 
     async def flush(batch: list[Pending]) -> None:
-        async with pool.acquire() as conn, conn.transaction():
+        async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
             fresh = await first_deliveries(conn, [message_id for _, message_id, _ in batch])
             todo: list[Pending] = []
             for pending in batch:

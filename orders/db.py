@@ -97,3 +97,10 @@ def _iso(value: datetime | None) -> str | None:
 async def fetch_order(conn: asyncpg.Connection | asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any] | None:
     row = await conn.fetchrow(SELECT_ORDER, order_id)
     return to_order(row) if row else None
+
+
+# orders_pending_oldest_seconds (migration 040's partial index keeps it cheap)
+OLDEST_PENDING_SECONDS = """
+SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(updated_at)), 0)::float8
+FROM orders WHERE status = 'pending'
+"""

@@ -3,19 +3,24 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI
 
 from orders import consumer
 from orders.api import router
+from orders.db import OLDEST_PENDING_SECONDS
 from orders.fastlane import FastLane
 from orders.service import Intake
 from orders.waiters import StatusWaiters
+from shared import metrics
 from shared.batching import Batcher
 from shared.consumer import TRANSIENT, Consumer
 from shared.db import create_pool
+from shared.gauges import dead_letter_gauges, outbox_gauges
 from shared.health import broker_check, database_check
 from shared.logs import configure_logging
 from shared.messaging import ORDERS_STATUS, connect, declare_topology
+from shared.metrics import Refresh
 from shared.outbox import start_relays, stop_relays
 from shared.settings import get_settings
 from shared.web import create_app, serve
@@ -40,9 +45,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(batcher))
     relays = start_relays(settings.orders_database_url, exchange) if settings.outbox_relay else []
     await status_consumer.start()
+    gauges = [metrics.on_scrape(refresh) for refresh in (
+        outbox_gauges(pool), pending_gauge(pool), dead_letter_gauges(amqp, [ORDERS_STATUS]))]
     try:
         yield
     finally:
+        for remove in gauges:
+            remove()
         await status_consumer.stop()
         await batcher.close()
         await intake.close()
@@ -50,6 +59,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await waiters.stop()
         await amqp.close()
         await pool.close()
+
+
+def pending_gauge(pool: asyncpg.Pool) -> Refresh:
+    async def refresh() -> None:
+        metrics.PENDING_OLDEST.set(max(0.0, await pool.fetchval(OLDEST_PENDING_SECONDS)))
+
+    return refresh
 
 
 def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]

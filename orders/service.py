@@ -10,7 +10,6 @@ from typing import Any
 import asyncpg
 import orjson
 from asgi_correlation_id import correlation_id
-from prometheus_client import Counter
 
 from orders import db
 from orders.domain import (
@@ -22,14 +21,12 @@ from orders.domain import (
     check_confirm,
     check_reserve,
 )
+from shared import metrics
 from shared.batching import Batcher
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
 from shared.outbox import add_to_outbox, wake_relays
 
 log = logging.getLogger(__name__)
-
-ORDER_STATUS_CHANGES = Counter("orders_status_total", "Orders entering each status", ["status"])
-
 
 class NotFound(Exception):
     pass
@@ -81,7 +78,7 @@ class Intake:
             if not created:
                 return order, False
         wake_relays()
-        ORDER_STATUS_CHANGES.labels(Status.PENDING).inc()
+        metrics.order_status(Status.PENDING.value)
         return order, True
 
     async def _write(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
@@ -136,7 +133,7 @@ async def _insert_announced(
 
 
 async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
-    async with pool.acquire() as conn, conn.transaction():
+    async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
         row = await _lock(conn, order_id)
         check_confirm(Status(row["status"]), row["reserved_until"], datetime.now(UTC))
         order = await _set(conn, row, Status.CONFIRMING, reserved_until=row["reserved_until"])
@@ -146,7 +143,7 @@ async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
 
 
 async def cancel(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
-    async with pool.acquire() as conn, conn.transaction():
+    async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
         row = await _lock(conn, order_id)
         if not check_cancel(Status(row["status"])):
             return db.to_order(row)
@@ -157,7 +154,7 @@ async def cancel(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
 
 
 async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
-    async with pool.acquire() as conn, conn.transaction():
+    async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
         row = await _lock(conn, order_id)
         check_reserve(Status(row["status"]))
         attempt = row["attempt"] + 1
@@ -192,7 +189,7 @@ async def apply_answers(conn: asyncpg.Connection, answers: list[tuple[AtualizarS
             continue
         final[answer.order_id] = outcome.update
         state[answer.order_id] = (outcome.update.status, attempt)
-        ORDER_STATUS_CHANGES.labels(outcome.update.status.value).inc()
+        metrics.order_status(outcome.update.status.value)
     if final:
         await conn.execute(db.SET_STATUSES, list(final), [u.status.value for u in final.values()],
                            [u.reason for u in final.values()],
@@ -221,7 +218,7 @@ async def _set(
         db.SET_STATUS, row["order_id"], status.value, reason, unavailable or [], reserved_until,
         attempt or row["attempt"],
     )
-    ORDER_STATUS_CHANGES.labels(status.value).inc()
+    metrics.order_status(status.value)
     return db.to_order(updated)
 
 

@@ -30,6 +30,7 @@ from aiormq.abc import AbstractChannel as AmqpChannel
 from asgi_correlation_id import correlation_id
 from pydantic import ValidationError
 
+from shared import metrics
 from shared.messaging import DEAD_LETTER_EXCHANGE
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Consumer:
         except (ValidationError, ValueError, orjson.JSONDecodeError) as exc:
             try:
                 await self._dead_letter(message, f"invalid message: {exc}"[:1000])
+                metrics.consumed(self.queue.name, message.type, "dead_lettered")
             finally:
                 acks.settled(tag)
             return
@@ -125,10 +127,12 @@ class Consumer:
                           extra={"message_id": message_id, "event_type": message.type})
             try:
                 await message.nack(requeue=True)
+                metrics.consumed(self.queue.name, message.type, "redelivered")
             finally:
                 acks.settled(tag)
             return
         acks.handled(tag)
+        metrics.consumed(self.queue.name, message.type, "acked")
 
     async def _handle(self, event: Any, message_id: str) -> None:
         """The handler, retried on transient failures (see the module docstring). A plain loop:

@@ -10,7 +10,6 @@ import logging
 
 import asyncpg
 from aio_pika.abc import AbstractExchange
-from prometheus_client import Gauge
 
 from shared.events import Event
 from shared.messaging import ROUTED_EVENTS, Outgoing, build_properties, publish_batch
@@ -26,7 +25,6 @@ POLL_SECONDS = 0.05
 # average for the relay of another worker (p50 59 ms at 100 orders/s, measured); a fixed 3 ms
 # cost a third of a core of empty looks at 100 orders/s.
 FIRST_LOOK_SECONDS = 0.002
-OUTBOX_BACKLOG = Gauge("outbox_backlog", "Events found waiting at the relay's last look (max one batch)", ["lane"])
 _COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, body::text AS body"
 SELECT_ROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type = ANY($1::text[]) ORDER BY id LIMIT $2"
 SELECT_UNROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type <> ALL($1::text[]) ORDER BY id LIMIT $2"
@@ -131,7 +129,6 @@ class OutboxRelay:
     async def flush(self, conn: asyncpg.Connection) -> int:
         query = SELECT_ROUTED if self._routed else SELECT_UNROUTED
         rows = await conn.fetch(query, list(ROUTED_EVENTS), BATCH)
-        OUTBOX_BACKLOG.labels(self.lane).set(len(rows))
         if not rows:
             return 0
         # One write for the batch, in outbox order, then every confirm (see publish_batch).

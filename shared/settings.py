@@ -15,6 +15,11 @@ class Settings(BaseSettings):
     stock_port: int = 8002
     bind_host: str = "127.0.0.1"
     stock_workers: int = 2
+    stock_worker_port: int = 8010
+    # Which worker this is (0-based): its probe port is stock_worker_port + index. Unset: the
+    # index honcho gives (`make run`: HONCHO_PROCESS_NAME=stock-worker.1 is worker 0), else 0.
+    stock_worker_index: int | None = None
+    honcho_process_name: str = ""
     reservation_ttl_seconds: float = 1800
     sweep_interval_seconds: float = 5
     admin_token: str | None = None
@@ -51,6 +56,14 @@ class Settings(BaseSettings):
     @property
     def stock_upstreams(self) -> list[str]:
         return _split(self.stock_urls) or [f"http://127.0.0.1:{self.stock_port}"]
+
+    @property
+    def worker_probe_port(self) -> int:
+        index = self.stock_worker_index
+        if index is None:
+            _, _, number = self.honcho_process_name.rpartition(".")
+            index = int(number) - 1 if number.isdigit() else 0
+        return self.stock_worker_port + index
 
     def resolved_admin_token(self) -> str:
         """ADMIN_TOKEN if set, else the token kept in `.run/admin-token` (made on first use)."""

@@ -14,13 +14,14 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import metrics
 from shared.edge import valid_request_id
+from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from shared.problems import Problem, problem_response, raw_problem
 from shared.runtime import tune_gc
 
@@ -29,12 +30,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 JSON_TYPES = ("application/json",)
 
-HTTP_REQUESTS = Counter(
-    "http_requests_total", "HTTP requests answered", ["service", "method", "route", "status"]
-)
-HTTP_LATENCY = Histogram(
-    "http_request_duration_seconds", "HTTP request latency", ["service", "method", "route"]
-)
 
 ReadinessCheck = Callable[[], Awaitable[None]]
 
@@ -141,7 +136,7 @@ class Metrics:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"]
             HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
-            HTTP_LATENCY.labels(self.service, method, route).observe(time.perf_counter() - started)
+            HTTP_LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -195,6 +190,7 @@ def create_app(
     check_content_type: bool = True,
 ) -> FastAPI:
     app = FastAPIOffline(title=title, lifespan=lifespan, default_response_class=JSONResponse)
+    metrics.expose(service)
     install_problem_handlers(app)
 
     @app.get("/health/live", tags=["health"])
@@ -218,8 +214,9 @@ def create_app(
         return JSONResponse({"status": "ready", "checks": {name: "up" for name in checks}})
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus() -> Response:
+        body, content_type = await metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
 
     app.add_middleware(RequestGuard, body_types=(body_types or {}) if check_content_type else None,
                        body_limits=body_limits)

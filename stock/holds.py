@@ -9,20 +9,14 @@ import uuid
 
 import asyncpg
 from asgi_correlation_id import correlation_id
-from prometheus_client import Counter, Histogram
 
+from shared import metrics
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado
 from shared.outbox import add_to_outbox
 from stock import db
 from stock.domain import let_go, sell
 
 log = logging.getLogger(__name__)
-
-DECISION_LATENCY = Histogram(
-    "reservation_decision_seconds", "From PedidoCriado written to the stock decision committed",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-HOLD_OUTCOMES = Counter("holds_total", "Hold decisions and endings", ["outcome"])
 
 
 async def _answer(conn: asyncpg.Connection, order_id: uuid.UUID, attempt: int, status: str, **extra: object) -> None:
@@ -72,14 +66,14 @@ async def end_hold(
     changes = sell(lines) if kind == "sold" else let_go(lines)
     await db.apply_changes(conn, store_id, kind, changes, order_id, correlation_id.get())
     await conn.execute(db.SAVE_STOCK_ORDER, order_id, store_id, attempt, kind, None)
-    HOLD_OUTCOMES.labels(kind).inc()
+    metrics.hold(kind)
 
 
 async def sweep_expired(pool: asyncpg.Pool, batch_size: int) -> int:
     """Expires holds past their time, in one transaction per batch. Safe with any number of
     workers: SKIP LOCKED hands each expired order to exactly one of them, and an order being
     confirmed right now is locked, so it is either sold or expired, never both."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
         claimed = await conn.fetch(db.CLAIM_EXPIRED, batch_size)
         if not claimed:
             return 0

@@ -19,10 +19,10 @@ from typing import Any
 
 import asyncpg
 
+from shared import metrics
 from shared.events import AtualizarStatus, PedidoCriado
 from stock import db
 from stock.domain import Figures, decide
-from stock.holds import DECISION_LATENCY, HOLD_OUTCOMES
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_secon
         _decide_one(cmd, locked.items, expires_at, writes, request_ids.get(cmd.order_id))
     await conn.execute(db.SAVE_DECISIONS, *_columns(writes.orders, 5),
                        *_columns(writes.movements, 9), *_columns(writes.answers, 4))
-    decided_at = datetime.now(UTC)
     for cmd in cmds:
-        DECISION_LATENCY.observe(max(0.0, (decided_at - cmd.occurred_at).total_seconds()))
+        metrics.decided(cmd.occurred_at)
 
 
 async def _lock(conn: asyncpg.Connection, cmds: list[PedidoCriado], message_ids: list[str]) -> Locked:
@@ -150,7 +149,7 @@ def _decide_one(
         writes.orders.append((cmd.order_id, cmd.store_id, cmd.attempt, "rejected", None))
         _answer(writes, cmd, "EstoqueNaoDisponivel", request_id,
                 unavailable=list(decision.shortages), reason=decision.reason)
-        HOLD_OUTCOMES.labels("rejected").inc()
+        metrics.hold("rejected")
         return
     for line in sorted(lines, key=lambda line: line.sku):
         item = items[(cmd.store_id, line.sku)]
@@ -161,7 +160,7 @@ def _decide_one(
                                  request_id))
     writes.orders.append((cmd.order_id, cmd.store_id, cmd.attempt, "held", expires_at))
     _answer(writes, cmd, "EstoqueReservado", request_id, reserved_until=expires_at)
-    HOLD_OUTCOMES.labels("held").inc()
+    metrics.hold("held")
 
 
 def _answer(writes: Writes, cmd: PedidoCriado, status: str, request_id: str | None, **extra: Any) -> None:

@@ -8,15 +8,20 @@ import logging
 import signal
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiohttp.web import AppRunner
 from asgi_correlation_id import correlation_id
 
+from shared import metrics
 from shared.batching import Batcher
 from shared.consumer import TRANSIENT, Consumer, parse_json
 from shared.db import create_pool, first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado, stock_command_adapter
+from shared.gauges import dead_letter_gauges, outbox_gauges
+from shared.health import broker_check, database_check
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
 from shared.outbox import start_relays, stop_relays, wake_relays
+from shared.probe import start_probe
 from shared.runtime import tune_gc
 from shared.settings import Settings, get_settings
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
@@ -38,7 +43,7 @@ def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-u
     """Decides a batch of PedidoCriado in one transaction (stock/reserve.py)."""
 
     async def flush(batch: list[Pending]) -> None:
-        async with pool.acquire() as conn, conn.transaction():
+        async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
             await decide_batch(conn, batch, settings.reservation_ttl_seconds)
         wake_relays()
 
@@ -50,7 +55,7 @@ def handler(pool: asyncpg.Pool, batcher: Batcher[Pending]):  # type: ignore[no-u
         if isinstance(cmd, PedidoCriado):
             await batcher.submit((cmd, message_id, correlation_id.get()))
             return
-        async with pool.acquire() as conn, conn.transaction():
+        async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
             if not await first_delivery(conn, message_id):
                 return
             if isinstance(cmd, PedidoConfirmado):
@@ -75,6 +80,15 @@ async def sweep_forever(pool: asyncpg.Pool, settings: Settings, stopping: asynci
             pass
 
 
+async def serve_probe(settings: Settings, pool: asyncpg.Pool, amqp: AbstractRobustConnection) -> AppRunner:
+    """/health and /metrics on STOCK_WORKER_PORT + this worker's index (API.md §5)."""
+    metrics.expose("stock-worker")
+    metrics.on_scrape(outbox_gauges(pool))
+    metrics.on_scrape(dead_letter_gauges(amqp, [STOCK_ORDERS]))
+    checks = {"database": database_check(pool), "broker": broker_check(amqp)}
+    return await start_probe(settings.bind_host, settings.worker_probe_port, checks)
+
+
 async def main() -> None:
     settings = get_settings()
     pool = await create_pool(settings.stock_database_url, settings.db_pool_size)
@@ -92,6 +106,7 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     relays = start_relays(settings.stock_database_url, exchange) if settings.outbox_relay else []
+    probe = await serve_probe(settings, pool, amqp)
     sweeper = asyncio.create_task(sweep_forever(pool, settings, stopping))
     await consumer.start()
     log.info("stock worker consuming", extra={"queue": STOCK_ORDERS})
@@ -102,5 +117,6 @@ async def main() -> None:
     await batcher.close()
     await sweeper
     await stop_relays(relays)
+    await probe.cleanup()
     await amqp.close()
     await pool.close()

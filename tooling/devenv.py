@@ -28,6 +28,7 @@ from shared.settings import Settings, get_settings
 from tooling.migrate import MIGRATIONS
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+PROMETHEUS_PORT_OFFSET = 10020  # RabbitMQ's Prometheus plugin: 15692 for AMQP on 5672
 
 
 def say(message: str) -> None:
@@ -184,6 +185,10 @@ class Rabbit:
             "RABBITMQ_PID_FILE": str(home / "rabbitmq.pid"),
         }
 
+    @property
+    def prometheus_port(self) -> int:
+        return self.port + PROMETHEUS_PORT_OFFSET
+
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env(),
                               check=check, capture_output=True, text=True)
@@ -195,8 +200,12 @@ class Rabbit:
             return False
         home = self.home
         (home / "log").mkdir(parents=True, exist_ok=True)
-        (home / "enabled_plugins").write_text("[].\n")
-        (home / "rabbitmq.conf").write_text("loopback_users = none\n")
+        # RabbitMQ's own Prometheus endpoint (queue depths, connections, node health), on a port
+        # derived from AMQP's (15692 for 5672) so several local brokers never collide.
+        (home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n")
+        (home / "rabbitmq.conf").write_text(
+            "loopback_users = none\n"
+            f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n")
         say(f"starting RabbitMQ on 127.0.0.1:{self.port} (data in {home})")
         with open(home / "server.log", "ab") as log:
             subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self.env(), stdout=log,
@@ -286,8 +295,10 @@ def run(settings: Settings) -> int:
     if wait_ready(gateway + "/health/ready") and not stop["requested"]:
         token = settings.resolved_admin_token()
         say(f"ready: {gateway}  (docs: {gateway}/docs)")
+        last = settings.stock_worker_port + settings.stock_workers - 1
         say(f"orders :{settings.orders_port}, stock API :{settings.stock_port}, "
-            f"{settings.stock_workers} stock worker(s)")
+            f"{settings.stock_workers} stock worker(s) (health and metrics on "
+            f":{settings.stock_worker_port}-{last})")
         say(f"admin token: {token}  (also in {settings.run_dir / 'admin-token'})")
         say("Ctrl-C stops everything")
     code = supervisor.wait()

@@ -3,6 +3,7 @@ real processes (gateway, orders, stock API, N stock workers), started and stoppe
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,6 +33,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free ports (stock workers listen on base + index)."""
+    for _ in range(100):
+        # Below the ephemeral range (32768+), where the OS never hands a port out by itself.
+        base = random.randrange(20000, 32000)
+        if all(_port_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _with_db(url: str, database: str) -> str:
@@ -67,6 +87,8 @@ class Stack:
         self.stock_dsn = _with_db(self.settings.stock_database_url, f"stock_{self.name}")
         self.amqp_url = _with_vhost(self.settings.amqp_url, f"test-{self.name}")
         self.ports = {"gateway": free_port(), "orders": free_port(), "stock": free_port()}
+        # Room for replacement workers (tests start worker N after killing one).
+        self.worker_port = free_port_block(self.workers + 8)
         self.log_dir = self.settings.run_dir.resolve() / "test-logs" / self.name
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -81,6 +103,7 @@ class Stack:
             "ORDERS_DATABASE_URL": self.orders_dsn,
             "STOCK_DATABASE_URL": self.stock_dsn,
             "ADMIN_TOKEN": self.admin_token,
+            "STOCK_WORKER_PORT": str(self.worker_port),
             "RUN_DIR": str(self.settings.run_dir.resolve()),
             **self.env_overrides,
         }
@@ -106,8 +129,11 @@ class Stack:
         for i in range(self.workers):
             self.start_worker(i)
         self.start_process("gateway", "gateway")
-        for port in self.ports.values():
-            if not wait_ready(f"http://127.0.0.1:{port}/health/ready", timeout=60):
+        urls = [f"http://127.0.0.1:{port}" for port in self.ports.values()]
+        urls += [self.worker_url(i) for i in range(self.workers)]
+        for url in urls:
+            if not wait_ready(f"{url}/health/ready", timeout=60):
+                self.stop()  # no test will: its fixture never got the stack
                 raise RuntimeError(f"stack {self.name} did not get ready; logs in {self.log_dir}")
         return self
 
@@ -119,7 +145,11 @@ class Stack:
         )
 
     def start_worker(self, index: int) -> None:
-        self.start_process(f"worker-{index}", "stock-worker")
+        self.start_process(f"worker-{index}", "stock-worker", {"STOCK_WORKER_INDEX": str(index)})
+
+    def worker_url(self, index: int) -> str:
+        """Where worker `index` serves /health/… and /metrics."""
+        return f"http://127.0.0.1:{self.worker_port + index}"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)

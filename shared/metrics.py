@@ -110,8 +110,8 @@ def _record(record: Callable[[], None]) -> None:
         pending.append(record)
 
 
-def hold(outcome: str) -> None:
-    _record(HOLDS.labels(outcome).inc)
+def hold(outcome: str, n: int = 1) -> None:
+    _record(lambda: HOLDS.labels(outcome).inc(n))
 
 
 def decided(since: datetime) -> None:

@@ -105,7 +105,7 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_secon
     if again:  # the decision already made, answered again; no stock changes
         await conn.execute(db.ANSWER_AGAIN, [c.order_id for c in again], [c.attempt for c in again],
                            [request_ids.get(c.order_id) for c in again])
-        HOLD_OUTCOMES.labels("answered_again").inc(len(again))
+        metrics.hold("answered_again", len(again))
     cmds = fresh_commands(firsts, locked.known)
     if not cmds:
         return

@@ -104,3 +104,18 @@ OLDEST_PENDING_SECONDS = """
 SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(updated_at)), 0)::float8
 FROM orders WHERE status = 'pending'
 """
+
+# ----- the reconciler (orders/reconciler.py) ----------------------------------------------------
+# Unsettled orders untouched for $1 seconds (neither changed nor asked about), oldest first, at
+# most $2; SKIP LOCKED: an order another process is reconciling, or that an answer is being
+# applied to, is left to it. A range scan of the partial index orders_waiting (migration 040).
+CLAIM_UNSETTLED = f"""
+SELECT {ORDER_COLUMNS}, attempt FROM orders
+WHERE status IN ('pending', 'confirming')
+  AND updated_at < now() - make_interval(secs => $1)
+  AND (asked_at IS NULL OR asked_at < now() - make_interval(secs => $1))
+ORDER BY updated_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+MARK_ASKED = "UPDATE orders SET asked_at = now() WHERE order_id = ANY($1::uuid[])"

@@ -1,5 +1,6 @@
 """The orders process: HTTP API, the `orders.status` consumer and the outbox relay."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ from orders import consumer
 from orders.api import router
 from orders.db import OLDEST_PENDING_SECONDS
 from orders.fastlane import FastLane
+from orders.reconciler import reconcile_forever
 from orders.service import Intake
 from orders.waiters import StatusWaiters
 from shared import metrics
@@ -47,9 +49,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await status_consumer.start()
     gauges = [metrics.on_scrape(refresh) for refresh in (
         outbox_gauges(pool), pending_gauge(pool), dead_letter_gauges(amqp, [ORDERS_STATUS]))]
+    stopping = asyncio.Event()
+    reconciler = asyncio.create_task(reconcile_forever(pool, settings, stopping))
     try:
         yield
     finally:
+        stopping.set()
+        await reconciler
         for remove in gauges:
             remove()
         await status_consumer.stop()

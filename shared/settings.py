@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # in the outbox until a process with the relay on starts.
     outbox_relay: bool = True
     import_max_bytes: int = 64 * 1024 * 1024
+    # An order `pending` or `confirming` this long is asked about again (orders/reconciler.py);
+    # with the look every interval, it is decided again well within the 5 minutes of API.md §6
+    # even when the first asking again is lost too.
+    reconcile_after_seconds: float = 120
+    reconcile_interval_seconds: float = 15
+    reconcile_batch_size: int = 100
 
     @property
     def orders_upstreams(self) -> list[str]:

@@ -5,17 +5,43 @@ import asyncio
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import asyncpg
 import pytest
 
+from orders.db import CLAIM_UNSETTLED
+from orders.reconciler import reconcile_once
+from shared.db import create_pool, migrate
 from shared.events import Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
-from shared.messaging import EXCHANGE
-from tests.helpers import eventually, put_stock, random_sku, random_store
+from shared.messaging import EXCHANGE, ORDERS_STATUS, STOCK_ORDERS
+from shared.settings import Settings
+from tests.helpers import (
+    create_order,
+    eventually,
+    put_stock,
+    random_sku,
+    random_store,
+    wait_for_status,
+)
+from tooling.devenv import local_servers, wait_ready
 from tooling.invariants import check_stock_invariants
+from tooling.migrate import MIGRATIONS
 from tooling.stack import Stack
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def stack(infrastructure: None) -> Iterator[Stack]:
+    """Unsettled orders are asked about again after 2 s (the contract's default: 2 minutes)."""
+    running = Stack(f"r{uuid.uuid4().hex[:8]}", workers=WORKERS, env_overrides={
+        "RECONCILE_AFTER_SECONDS": "2", "RECONCILE_INTERVAL_SECONDS": "0.3"}).start()
+    yield running
+    running.stop()
 
 
 class Answers:
@@ -173,3 +199,198 @@ async def test_many_orders_asked_again_at_once_each_get_their_decision_once_per_
         await check_stock_invariants(conn)
     finally:
         await conn.close()
+
+
+# ----- the reconciler: lost commands and lost answers --------------------------------------------
+
+def stop_workers(stack: Stack) -> None:
+    for i in range(WORKERS):
+        stack.kill(f"worker-{i}")
+
+
+def start_workers(stack: Stack) -> None:
+    for i in range(WORKERS):
+        stack.start_worker(i)
+
+
+def restart_orders(stack: Stack) -> None:
+    stack.start_process("orders", "orders-service")
+    assert wait_ready(f"http://127.0.0.1:{stack.ports['orders']}/health/ready", timeout=60)
+
+
+async def depth(stack: Stack, queue: str) -> int:
+    assert stack.rabbit is not None
+    done = await asyncio.to_thread(stack.rabbit.ctl, "list_queues", "-p", f"test-{stack.name}",
+                                   "name", "messages", "--no-table-headers", "--quiet")
+    counts = {row.split()[0]: int(row.split()[1]) for row in done.stdout.splitlines() if len(row.split()) == 2}
+    return counts[queue]
+
+
+async def dead_letter(stack: Stack, queue: str, order_id: str, event_type: str) -> None:
+    """Takes the order's message off `queue` and rejects it: the broker dead-letters it."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.declare_queue(queue, passive=True)
+
+        async def rejected() -> None:
+            message = await source.get(no_ack=False, fail=False)
+            assert message is not None, f"no {event_type} for {order_id} in {queue} yet"
+            if message.correlation_id != order_id or message.type != event_type:
+                await message.nack(requeue=True)
+                raise AssertionError(f"{message.type} {message.correlation_id}: not the one")
+            await message.reject(requeue=False)
+
+        await eventually(rejected, timeout=30, interval=0.2)
+
+        async def in_dlq() -> None:
+            dlq = await channel.declare_queue(f"{queue}.dlq", passive=True)
+            assert dlq.declaration_result.message_count >= 1
+
+        await eventually(in_dlq, timeout=10)
+
+
+async def held(stack: Stack, order_id: str) -> list[tuple[str, int]]:
+    conn = await stack.stock_db()
+    try:
+        rows = await conn.fetch("SELECT sku, quantity FROM reservation WHERE order_id = $1", uuid.UUID(order_id))
+        await check_stock_invariants(conn)
+        return [(r["sku"], r["quantity"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_an_order_whose_pedido_criado_was_dead_lettered_is_decided(stack: Stack) -> None:
+    store, sku = random_store(), random_sku()
+    async with stack.client() as client:
+        await put_stock(client, stack.admin, store, sku, 5)
+        stop_workers(stack)
+        try:
+            response = await create_order(client, store, [(sku, 2)])
+            assert response.status_code == 202, response.text
+            order_id = response.json()["order_id"]
+            await dead_letter(stack, STOCK_ORDERS, order_id, "PedidoCriado")
+        finally:
+            start_workers(stack)
+        order = await wait_for_status(client, order_id, {"reserved"}, timeout=60)
+    assert order["reserved_until"]
+    assert await held(stack, order_id) == [(sku, 2)]
+    assert (await figures(stack, store, sku))[:2] == (5, 2)
+
+
+async def test_an_order_whose_answer_was_purged_is_decided(stack: Stack) -> None:
+    store, sku = random_store(), random_sku()
+    async with stack.client() as client:
+        await put_stock(client, stack.admin, store, sku, 5)
+        stop_workers(stack)
+        response = await create_order(client, store, [(sku, 3)])
+        assert response.status_code == 202, response.text
+        order_id = response.json()["order_id"]
+
+        async def published() -> None:
+            assert await depth(stack, STOCK_ORDERS) >= 1
+
+        await eventually(published, timeout=30)
+        stack.kill("orders")  # nobody takes the answer off orders.status now
+        start_workers(stack)
+
+        async def answered() -> None:
+            assert (await figures(stack, store, sku))[1] == 3
+            assert await depth(stack, ORDERS_STATUS) >= 1
+
+        await eventually(answered, timeout=30)
+        assert stack.rabbit is not None
+        stack.rabbit.ctl("purge_queue", "-p", f"test-{stack.name}", ORDERS_STATUS)
+        restart_orders(stack)
+        order = await wait_for_status(client, order_id, {"reserved"}, timeout=60)
+    assert order["reserved_until"]
+    assert await held(stack, order_id) == [(sku, 3)]
+    assert (await figures(stack, store, sku))[:2] == (5, 3)  # held once, whatever was asked
+
+
+async def test_a_confirming_order_whose_pedido_confirmado_was_dead_lettered_is_confirmed(stack: Stack) -> None:
+    store, sku = random_store(), random_sku()
+    async with stack.client() as client:
+        await put_stock(client, stack.admin, store, sku, 5)
+        response = await create_order(client, store, [(sku, 2)])
+        order_id = response.json()["order_id"]
+        await wait_for_status(client, order_id, {"reserved"})
+        stop_workers(stack)
+        try:
+            confirm = await client.post(f"/orders/{order_id}/confirm")
+            assert confirm.status_code in (200, 202), confirm.text
+            await dead_letter(stack, STOCK_ORDERS, order_id, "PedidoConfirmado")
+        finally:
+            start_workers(stack)
+        await wait_for_status(client, order_id, {"confirmed"}, timeout=60)
+    assert await held(stack, order_id) == []
+    assert (await figures(stack, store, sku))[:2] == (3, 0)  # sold once
+
+
+# ----- several reconcilers at once ---------------------------------------------------------------
+
+@pytest.fixture
+async def orders_database(infrastructure: None) -> AsyncIterator[str]:
+    """A migrated orders database of its own, with no process running on it."""
+    settings = Settings()
+    pg, _ = local_servers(settings)
+    assert pg is not None
+    parts = urlsplit(settings.orders_database_url)
+    dsn = urlunsplit(parts._replace(path=f"/orders_rc{uuid.uuid4().hex[:8]}"))
+    await pg.ensure_database(dsn, fresh=True)
+    await migrate(dsn, MIGRATIONS["orders"])
+    yield dsn
+    conn = await asyncpg.connect(pg.admin_dsn())
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{urlsplit(dsn).path[1:]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def add_orders(conn: asyncpg.Connection, status: str, count: int, age_seconds: float) -> list[uuid.UUID]:
+    ids = [uuid.uuid4() for _ in range(count)]
+    await conn.execute("""
+        INSERT INTO orders (order_id, customer_id, store_id, items, status, attempt, updated_at)
+        SELECT id, 'c-rc', 'S-rc', '[{"sku": "A", "quantity": 1}]', $2, 2,
+               now() - make_interval(secs => $3)
+        FROM unnest($1::uuid[]) AS id""", ids, status, age_seconds)
+    return ids
+
+
+async def test_many_reconcilers_at_once_ask_about_each_order_once_per_period(orders_database: str) -> None:
+    setup = await asyncpg.connect(orders_database)
+    pools = [await create_pool(orders_database, 2) for _ in range(8)]
+    try:
+        pending = await add_orders(setup, "pending", 300, 600)
+        confirming = await add_orders(setup, "confirming", 40, 600)
+        await add_orders(setup, "pending", 50, 0)  # too young
+        await add_orders(setup, "reserved", 50, 600)  # settled
+
+        async def drain(pool: asyncpg.Pool) -> int:
+            done = 0
+            while (n := await reconcile_once(pool, 60, 25)) > 0:
+                done += n
+            return done
+
+        counts = await asyncio.gather(*(drain(pool) for pool in pools for _ in range(2)))
+        assert sum(counts) == 340
+        assert sum(1 for n in counts if n) > 1  # the work was shared, not done by one
+        rows = [{"event_type": r["event_type"], "body": json.loads(r["body"])}
+                for r in await setup.fetch("SELECT event_type, body FROM outbox")]
+        asked = [(r["event_type"], uuid.UUID(r["body"]["order_id"]), r["body"]["attempt"]) for r in rows]
+        assert sorted(asked) == sorted([("PedidoCriado", i, 2) for i in pending]
+                                       + [("PedidoConfirmado", i, 2) for i in confirming])
+        created_again = next(r["body"] for r in rows if r["event_type"] == "PedidoCriado")
+        assert created_again["items"] == [{"sku": "A", "quantity": 1}]
+        assert created_again["store_id"] == "S-rc"
+
+        assert await drain(pools[0]) == 0  # asked this period: not again before the next
+        await setup.execute("UPDATE orders SET asked_at = asked_at - interval '10 minutes'")
+        assert await drain(pools[0]) == 340
+
+        await setup.execute("SET enable_seqscan = off")  # the look is an index scan, not a full one
+        plan = "\n".join(r[0] for r in await setup.fetch("EXPLAIN " + CLAIM_UNSETTLED, 60.0, 25))
+        assert "Index" in plan and "Seq Scan" not in plan, plan
+    finally:
+        await asyncio.gather(*(pool.close() for pool in pools))
+        await setup.close()

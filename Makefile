@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-faults bench infra down lint clean
+.PHONY: run test test-faults bench infra down lint clean observe
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/inventory-devenv run
+
+# Prometheus (OS package) scraping the processes of a running `make run`; prints its URL.
+observe: $(STAMP)
+	$(BIN)/inventory-observe
 
 infra: $(STAMP)
 	$(BIN)/inventory-devenv up

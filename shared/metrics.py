@@ -49,6 +49,9 @@ OUTBOX_OLDEST = Gauge("outbox_oldest_seconds", "Age of the oldest outbox row wai
 PENDING_OLDEST = Gauge("orders_pending_oldest_seconds",
                        "How long the oldest order still pending has waited for its decision (0: none)",
                        registry=None)
+HOLDS_OVERDUE = Gauge("holds_overdue_seconds", "How long the most overdue hold has been past its "
+                      "reserved_until without being expired (0: none); the sweep falling behind",
+                      registry=None)
 DEAD_LETTERS = Gauge("dead_letter_messages", "Messages in each dead-letter queue", ["queue"],
                      registry=None)
 
@@ -58,7 +61,7 @@ FAMILIES: dict[str, tuple[MetricWrapperBase, ...]] = {
     "gateway": HTTP,
     "orders": (*HTTP, ORDER_STATUS, PENDING_OLDEST, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS),
     "stock": HTTP,
-    "stock-worker": (DECISION_LATENCY, HOLDS, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS),
+    "stock-worker": (DECISION_LATENCY, HOLDS, HOLDS_OVERDUE, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS),
 }
 
 _exposed: set[int] = set()

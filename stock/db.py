@@ -345,3 +345,9 @@ FROM (
     LEFT JOIN stock_answer a ON a.order_id = o.order_id AND a.attempt = o.attempt
 ) again
 """
+
+# holds_overdue_seconds: how far the expiry sweep is behind (stock_order_expiring keeps it cheap)
+OLDEST_OVERDUE_HOLD_SECONDS = """
+SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(expires_at)), 0)::float8
+FROM stock_order WHERE state = 'held' AND expires_at <= clock_timestamp()
+"""

@@ -24,6 +24,7 @@ from shared.outbox import start_relays, stop_relays, wake_relays
 from shared.probe import start_probe
 from shared.runtime import tune_gc
 from shared.settings import Settings, get_settings
+from stock.db import OLDEST_OVERDUE_HOLD_SECONDS
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
 from stock.reserve import Pending, decide_batch
 
@@ -80,11 +81,19 @@ async def sweep_forever(pool: asyncpg.Pool, settings: Settings, stopping: asynci
             pass
 
 
+def overdue_gauge(pool: asyncpg.Pool) -> metrics.Refresh:
+    async def refresh() -> None:
+        metrics.HOLDS_OVERDUE.set(max(0.0, await pool.fetchval(OLDEST_OVERDUE_HOLD_SECONDS)))
+
+    return refresh
+
+
 async def serve_probe(settings: Settings, pool: asyncpg.Pool, amqp: AbstractRobustConnection) -> AppRunner:
     """/health and /metrics on STOCK_WORKER_PORT + this worker's index (API.md §5)."""
     metrics.expose("stock-worker")
     metrics.on_scrape(outbox_gauges(pool))
     metrics.on_scrape(dead_letter_gauges(amqp, [STOCK_ORDERS]))
+    metrics.on_scrape(overdue_gauge(pool))
     checks = {"database": database_check(pool), "broker": broker_check(amqp)}
     return await start_probe(settings.bind_host, settings.worker_probe_port, checks)
 

@@ -66,7 +66,8 @@ async def test_every_process_serves_health_and_metrics(observed: Stack) -> None:
     worker = await scrape(observed.worker_url(0))
     names = {n for n, _ in worker}
     assert {"outbox_backlog", "outbox_oldest_seconds", "dead_letter_messages",
-            "reservation_decision_seconds_count", "process_cpu_seconds_total"} <= names
+            "reservation_decision_seconds_count", "process_cpu_seconds_total",
+            "holds_overdue_seconds"} <= names
     assert "http_requests_total" not in names and "orders_status_total" not in names
     stock_api = {n for n, _ in await scrape(process_urls(observed)["stock"])}
     assert "holds_total" not in stock_api, "holds are decided and counted in the workers"

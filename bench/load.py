@@ -141,14 +141,16 @@ async def call(
 
 async def wait_decision(
     session: aiohttp.ClientSession, base: str, order_id: str, recorder: Recorder, deadline_s: float,
+    wait: float = 30.0,
 ) -> dict[str, Any] | None:
-    """Long-polls `GET /orders/{id}?wait=` until the order left pending/confirming, or the deadline."""
+    """Long-polls `GET /orders/{id}?wait=` (at most `wait` s a call) until the order left
+    pending/confirming, or the deadline."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
     while (remaining := end - loop.time()) > 0:
-        wait = min(30.0, max(1.0, remaining))
-        order = await call(session, "GET", f"{base}/orders/{order_id}?wait={wait:.0f}", recorder,
-                           "GET /orders/{id}?wait", 200, timeout=wait + 15)
+        seconds = min(wait, max(1.0, remaining))
+        order = await call(session, "GET", f"{base}/orders/{order_id}?wait={seconds:.0f}", recorder,
+                           "GET /orders/{id}?wait", 200, timeout=seconds + 15)
         if order is None:
             return None
         if order["status"] not in UNSETTLED:

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import costs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +47,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     flash = scenarios.get("flash-sale", {}).get("points", [])
     ratio("flash_sale_vs_pgbench_hot", flash[0].get("settled_per_s") if flash else None,
           (ceiling.get("hot") or {}).get("tps"))
-    return ratios
+    return ratios | costs.closed_ratios(results)
 
 
 def write_all(results: dict[str, Any], out: Path = RESULTS) -> list[Path]:
@@ -150,7 +152,8 @@ def render_markdown(results: dict[str, Any]) -> str:
          "seeded by one CSV import; the load starts once the import's events left the stock outbox."), "",
         HOW_TO_READ, "",
     ]
-    scenarios = results.get("scenarios", {})
+    lines += costs.render(results)
+    scenarios = {k: v for k, v in results.get("scenarios", {}).items() if k not in costs.CLOSED}
     for name, body in scenarios.items():
         lines += [f"## {name}", ""]
         if body.get("error"):
@@ -251,7 +254,12 @@ def _ceiling_section(results: dict[str, Any]) -> list[str]:
     if ratios:
         lines += ["", "| ratio | settled orders/s | pgbench orders/s | settled ÷ pgbench |", "|---|---|---|---|"]
         for name, r in ratios.items():
-            lines.append(f"| {name} | {_num(r['settled_per_s'])} | {_num(r['ceiling_tps'])} | {r['ratio']:.3f} |")
+            if "ceiling_tps" in r:
+                lines.append(f"| {name} | {_num(r['settled_per_s'])} | {_num(r['ceiling_tps'])} | {r['ratio']:.3f} |")
+        cpu = ratios.get("cpu_per_order_one_client_vs_cheapest")
+        if cpu:
+            lines += ["", (f"CPU per order at one client loop {cpu['one_client_ms']} ms ÷ cheapest in this "
+                      f"run {cpu['cheapest_ms']} ms = **{cpu['ratio']}×** (target ≤ 3×).")]
     return lines + [""]
 
 
@@ -271,7 +279,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     scale = scenarios.get("scale", {}).get("points", [])
     if scale:
         written.append(_scale_plot(plt, scale, out / "scale_throughput.png"))
-    return written
+    curve = costs.plot_cpu_curve(plt, results, out / "cpu_per_order.png")
+    return written + ([curve] if curve else [])
 
 
 def _throughput_plot(plt: Any, points: list[dict[str, Any]], path: Path) -> Path:

@@ -15,26 +15,34 @@ import traceback
 import uuid
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import uvloop
 
 from bench import ceiling, report
+from bench.closed import closed_flash_point, closed_point, idle_point
+from bench.probes import server_pids
 from bench.scenarios import Knobs, Target, flash_point, mixed_point, uniform_point
 from shared.runtime import tune_gc
 from shared.settings import Settings
 from tooling.devenv import local_servers
 
-SCENARIOS = ("uniform", "flash-sale", "mixed", "scale")
+SCENARIOS = ("idle", "closed", "closed-flash", "uniform", "flash-sale", "mixed", "scale")
+CLOSED = ("idle", "closed", "closed-flash")  # share one stack (bench/closed.py)
 LOOPBACK = ("127.0.0.1", "localhost")
 
 FULL = {"rates": "100,250,500,750,1000", "duration": 8.0, "flash_orders": 10_000, "flash_units": 500,
         "flash_rate": 1000.0, "mixed_rate": 500.0, "scale_rate": 500.0, "scale_workers": "1,2,4",
-        "ceiling_seconds": 10, "drain_timeout": 120.0, "skus": 10_000}
+        "ceiling_seconds": 10, "drain_timeout": 120.0, "skus": 10_000, "clients": "1,8,64",
+        "closed_duration": 10.0, "closed_skus": 2000, "closed_flash_clients": 128,
+        "closed_flash_orders": 5000, "closed_flash_units": 500, "idle_seconds": 10.0}
 QUICK = {"rates": "50,100", "duration": 3.0, "flash_orders": 1000, "flash_units": 50,
          "flash_rate": 500.0, "mixed_rate": 100.0, "scale_rate": 100.0, "scale_workers": "1,2",
-         "ceiling_seconds": 3, "drain_timeout": 60.0, "skus": 2000}
+         "ceiling_seconds": 3, "drain_timeout": 60.0, "skus": 2000, "clients": "1,8",
+         "closed_duration": 3.0, "closed_skus": 500, "closed_flash_clients": 32,
+         "closed_flash_orders": 500, "closed_flash_units": 50, "idle_seconds": 3.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-rate", type=float, help="requests/s, 80%% reads (default 500)")
     p.add_argument("--scale-rate", type=float)
     p.add_argument("--scale-workers")
+    p.add_argument("--clients", help="closed: client loops per point (default 1,8,64)")
+    p.add_argument("--closed-duration", type=float, help="closed: seconds per point (default 10)")
+    p.add_argument("--closed-skus", type=int, help="closed: items in the store (default 2,000)")
+    p.add_argument("--closed-flash-clients", type=int, help="closed-flash: client loops (default 128)")
+    p.add_argument("--closed-flash-orders", type=int, help="closed-flash: orders in all (default 5,000)")
+    p.add_argument("--closed-flash-units", type=int, help="closed-flash: units of the sku (default 500)")
+    p.add_argument("--profile", action="store_true",
+                   help="closed: py-spy --native on every Python service (slows them: shares only)")
+    p.add_argument("--idle-seconds", type=float, help="idle: seconds measured (default 10)")
     p.add_argument("--ceiling-seconds", type=int)
     p.add_argument("--no-ceiling", action="store_true", help="skip pgbench")
     p.add_argument("--drain-timeout", type=float, help="max seconds to wait for decisions after the load")
@@ -72,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     args.rates = [float(r) for r in args.rates.split(",")]
     args.scale_workers = [int(w) for w in args.scale_workers.split(",")]
+    args.clients = [int(c) for c in args.clients.split(",")]
     if args.url and urlsplit(args.url).hostname not in LOOPBACK:
         p.error("--url must point at 127.0.0.1: the benchmark sends traffic to loopback only")
     return args
@@ -88,11 +106,12 @@ def system(args: argparse.Namespace, workers: int) -> Iterator[Target]:
     if args.url:
         settings = Settings()
         token = args.admin_token or settings.resolved_admin_token()
-        pg, _ = local_servers(settings)
+        pg, rabbit = local_servers(settings)
         admin_dsn = pg.admin_dsn() if pg is not None and pg.password_file.exists() else None
         yield Target(args.url.rstrip("/"), {"Authorization": f"Bearer {token}"},
                      args.orders_dsn or settings.orders_database_url,
-                     args.stock_dsn or settings.stock_database_url, None, admin_dsn=admin_dsn)
+                     args.stock_dsn or settings.stock_database_url, None,
+                     server_pids(pg, rabbit), admin_dsn=admin_dsn)
         return
     from tooling.stack import Stack
 
@@ -101,8 +120,10 @@ def system(args: argparse.Namespace, workers: int) -> Iterator[Target]:
         say(f"starting a stack with {workers} stock worker(s)")
         stack.start()
         assert stack.pg is not None
-        yield Target(stack.url, stack.admin, stack.orders_dsn, stack.stock_dsn, workers,
-                     {name: proc.pid for name, proc in stack.procs.items()}, stack.pg.admin_dsn())
+        # Our PostgreSQL and RabbitMQ by pid: other checkouts' servers on this machine never count.
+        pids = {name: proc.pid for name, proc in stack.procs.items()} | server_pids(stack.pg, stack.rabbit)
+        yield Target(stack.url, stack.admin, stack.orders_dsn, stack.stock_dsn, workers, pids,
+                     stack.pg.admin_dsn())
     finally:
         stack.stop()
 
@@ -148,6 +169,38 @@ def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list
             record(f"mixed @ {args.mixed_rate:g} requests/s", _run(mixed_point(target, args.mixed_rate, knobs)))
 
 
+def run_closed(args: argparse.Namespace, knobs: Knobs, wanted: list[str],
+               bodies: dict[str, dict[str, Any]]) -> None:
+    """idle, closed and closed-flash on one stack (in that order: idle before any load)."""
+    closed = replace(knobs, duration=args.closed_duration, skus=args.closed_skus)
+    with system(args, args.workers) as target:
+        for name in wanted:
+            points = bodies[name]["points"]
+            if name == "idle":
+                point = _run(idle_point(target, args.idle_seconds))
+                points.append(point)
+                say(f"idle: the stack used {point['stack_share_of_one_core']:.3f} of one core")
+            elif name == "closed":
+                for clients in args.clients:
+                    profile = report.RESULTS / "profiles" if args.profile else None
+                    point = _run(closed_point(target, clients, args.closed_skus, closed, profile))
+                    points.append(point)
+                    describe_closed(f"closed, {clients} client loop(s)", point)
+            else:
+                point = _run(closed_flash_point(target, args.closed_flash_clients, args.closed_flash_orders,
+                                                args.closed_flash_units, closed))
+                points.append(point)
+                describe_closed(f"closed flash sale, {args.closed_flash_clients} clients", point)
+
+
+def describe_closed(label: str, point: dict[str, Any]) -> None:
+    client = (point.get("client_latency_ms") or {}).get("decision") or {}
+    per_order = report.cpu_ms_per_order(point)
+    say(f"{label}: {point.get('orders_per_s')} orders/s, client p50/p95/p99 {client.get('p50')}/"
+        f"{client.get('p95')}/{client.get('p99')} ms, CPU ms per order {per_order}, errors "
+        f"{point.get('error_count')}, invariants {'ok' if point['invariants'].get('ok') else 'FAILED'}")
+
+
 def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     pg, _ = local_servers(Settings())
     if pg is None or not pg.password_file.exists():
@@ -172,19 +225,26 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     failed = False
-    for name in args.scenarios:
-        say(f"scenario {name}")
-        body: dict[str, Any] = {"points": []}
-        results["scenarios"][name] = body
+    closed = [name for name in args.scenarios if name in CLOSED]
+    units = ([closed] if closed else []) + [[name] for name in args.scenarios if name not in CLOSED]
+    for names in units:
+        say(f"scenario {', '.join(names)}")
+        bodies: dict[str, dict[str, Any]] = {name: {"points": []} for name in names}
+        results["scenarios"].update(bodies)
         try:
-            run_scenario(name, args, knobs, body["points"])
+            if names == closed:
+                run_closed(args, knobs, names, bodies)
+            else:
+                run_scenario(names[0], args, knobs, bodies[names[0]]["points"])
         except NotImplementedError as exc:
-            body["error"] = str(exc)
+            bodies[names[0]]["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported, and the other scenarios still run
             traceback.print_exc()
-            body["error"] = f"{type(exc).__name__}: {exc}"
+            for body in bodies.values():
+                body["error"] = f"{type(exc).__name__}: {exc}"
             failed = True
-        failed |= any(not p["invariants"].get("ok") for p in body.get("points", []))
+        failed |= any(not p.get("invariants", {"ok": True}).get("ok")
+                      for body in bodies.values() for p in body["points"])
         report.write_all(results)
     if not args.no_ceiling:
         try:

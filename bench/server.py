@@ -6,8 +6,6 @@ the database's clock: it starts when the order's transaction began, so it leaves
 path in front of it that the client latency includes."""
 
 import asyncio
-import os
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -19,6 +17,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from bench.load import summarize
+from bench.probes import process_usage
 from tooling.invariants import check_stock_invariants
 
 ORDERS_OF_STORE = "SELECT order_id, status, created_at, updated_at FROM orders WHERE store_id = $1"
@@ -225,49 +224,15 @@ async def database_waits(admin_dsn: str | None, dsns: list[str], every: float = 
         means.update({k: round(v / max(samples, 1), 2) for k, v in counts.most_common(8)})
 
 
-SERVERS = {"postgres": "postgresql", "beam.smp": "rabbitmq"}  # process name -> label
-
-
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU time (user + system) used so far by each process, this one included as `bench-client`;
-    all PostgreSQL and RabbitMQ server processes summed as `postgresql` and `rabbitmq`; and the
-    whole machine's busy time as `machine` (what the rest of the figures are a part of)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = {"bench-client": sum(os.times()[:2]), **dict.fromkeys(SERVERS.values(), 0.0)}
-    ours = {pid: name for name, pid in pids.items()}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                head, _, tail = stat.read().rpartition(")")
-        except OSError:
-            continue
-        fields = tail.split()
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        name = ours.get(int(entry)) or SERVERS.get(head.partition("(")[2])
-        if name is not None:
-            used[name] = used.get(name, 0.0) + seconds
-    with open("/proc/stat") as stat:
-        cpu = [int(v) for v in stat.readline().split()[1:]]
-    used["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
-    return used
-
-
 @asynccontextmanager
-async def cpu_usage(pids: dict[str, int]) -> AsyncIterator[dict[str, dict[str, float]]]:
-    """CPU each process used while the block ran: `cores` (share of one core; the busiest one is
-    the first suspect for a bottleneck) and `seconds` (to divide by the orders it served)."""
-    usage: dict[str, dict[str, float]] = {"cores": {}, "seconds": {}}
-    before, started = cpu_seconds(pids), time.monotonic()
-    try:
+async def cpu_usage(pids: dict[str, int]) -> AsyncIterator[dict[str, dict[str, Any]]]:
+    """CPU each part used while the block ran (bench.probes: our processes only): `cores` (share
+    of one core; the busiest one is the first suspect for a bottleneck), `seconds` (to divide by
+    the orders it served) and `counters` (wake-ups and system calls too)."""
+    usage: dict[str, dict[str, Any]] = {"cores": {}, "seconds": {}, "counters": {}}
+    async with process_usage(pids) as measured:
         yield usage
-    finally:
-        after, wall = cpu_seconds(pids), max(time.monotonic() - started, 1e-6)
-        for name in after.keys() & before.keys():
-            used = after[name] - before[name]
-            usage["seconds"][name] = round(used, 2)
-            usage["cores"][name] = round(used / wall, 2)
+    usage.update(cores=measured.cores(), seconds=measured.cpu_seconds(), counters=measured.parts)
 
 
 def new_store() -> str:

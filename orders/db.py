@@ -119,3 +119,22 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED
 """
 MARK_ASKED = "UPDATE orders SET asked_at = now() WHERE order_id = ANY($1::uuid[])"
+
+# ----- retention (shared/retention.py, API.md §6) ----------------------------------------------
+# Each deletes at most $1 rows due for deletion, oldest first, over an index, and counts them.
+PURGE_IDEMPOTENCY_KEYS = """
+WITH gone AS (
+    DELETE FROM idempotency_keys WHERE key IN (
+        SELECT key FROM idempotency_keys WHERE created_at < now() - interval '24 hours'
+        ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING 1)
+SELECT count(*) FROM gone
+"""
+PURGE_INBOX = """
+WITH gone AS (
+    DELETE FROM inbox WHERE message_id IN (
+        SELECT message_id FROM inbox WHERE handled_at < now() - interval '7 days'
+        ORDER BY handled_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING 1)
+SELECT count(*) FROM gone
+"""

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from orders import consumer
 from orders.api import router
-from orders.db import OLDEST_PENDING_SECONDS
+from orders.db import OLDEST_PENDING_SECONDS, PURGE_IDEMPOTENCY_KEYS, PURGE_INBOX
 from orders.fastlane import FastLane
 from orders.reconciler import reconcile_forever
 from orders.service import Intake
@@ -24,8 +24,12 @@ from shared.logs import configure_logging
 from shared.messaging import ORDERS_STATUS, connect, declare_topology
 from shared.metrics import Refresh
 from shared.outbox import start_relays, stop_relays
+from shared.retention import Purge, purge_forever
 from shared.settings import get_settings
 from shared.web import create_app, serve
+
+# Retention (API.md §6): what the orders database lets go of.
+PURGES = [Purge("idempotency_keys", PURGE_IDEMPOTENCY_KEYS), Purge("orders_inbox", PURGE_INBOX)]
 
 
 @asynccontextmanager
@@ -50,12 +54,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gauges = [metrics.on_scrape(refresh) for refresh in (
         outbox_gauges(pool), pending_gauge(pool), dead_letter_gauges(amqp, [ORDERS_STATUS]))]
     stopping = asyncio.Event()
-    reconciler = asyncio.create_task(reconcile_forever(pool, settings, stopping))
+    housekeeping = [
+        asyncio.create_task(reconcile_forever(pool, settings, stopping)),
+        asyncio.create_task(purge_forever(pool, PURGES, settings.retention_interval_seconds,
+                                          settings.retention_batch_size, stopping)),
+    ]
     try:
         yield
     finally:
         stopping.set()
-        await reconciler
+        await asyncio.gather(*housekeeping)
         for remove in gauges:
             remove()
         await status_consumer.stop()

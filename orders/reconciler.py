@@ -17,18 +17,15 @@ import logging
 from typing import Any
 
 import asyncpg
-from prometheus_client import Counter
 
 from orders import db
 from orders.service import _order_created
 from shared.events import Event, PedidoConfirmado
+from shared.metrics import ASKED_AGAIN
 from shared.outbox import INSERT_OUTBOX, wake_relays
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-ASKED_AGAIN = Counter("orders_asked_again_total", "Unsettled orders whose command was sent again", ["event"])
-
 
 def command_again(row: asyncpg.Record) -> Event:
     """The command an unsettled order waits on, as a new message of the same attempt."""

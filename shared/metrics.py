@@ -54,14 +54,22 @@ HOLDS_OVERDUE = Gauge("holds_overdue_seconds", "How long the most overdue hold h
                       registry=None)
 DEAD_LETTERS = Gauge("dead_letter_messages", "Messages in each dead-letter queue", ["queue"],
                      registry=None)
+ASKED_AGAIN = Counter("orders_asked_again_total",
+                      "Unsettled orders whose command was sent again (orders/reconciler.py)",
+                      ["event"], registry=None)
+RETENTION_DELETED = Counter("retention_deleted_total",
+                            "Rows deleted by retention (API.md §6): idempotency keys, inbox, tombstones",
+                            ["kind"], registry=None)
 
 HTTP = (HTTP_REQUESTS, HTTP_LATENCY)
 OUTBOX = (OUTBOX_BACKLOG, OUTBOX_OLDEST)
 FAMILIES: dict[str, tuple[MetricWrapperBase, ...]] = {
     "gateway": HTTP,
-    "orders": (*HTTP, ORDER_STATUS, PENDING_OLDEST, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS),
+    "orders": (*HTTP, ORDER_STATUS, PENDING_OLDEST, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS,
+               ASKED_AGAIN, RETENTION_DELETED),
     "stock": HTTP,
-    "stock-worker": (DECISION_LATENCY, HOLDS, HOLDS_OVERDUE, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS),
+    "stock-worker": (DECISION_LATENCY, HOLDS, HOLDS_OVERDUE, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS,
+                     RETENTION_DELETED),
 }
 
 _exposed: set[int] = set()

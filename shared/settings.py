@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     reconcile_after_seconds: float = 120
     reconcile_interval_seconds: float = 15
     reconcile_batch_size: int = 100
+    # Retention (shared/retention.py): how often one process per service deletes what is due.
+    retention_interval_seconds: float = 600
+    retention_batch_size: int = 1000
 
     @property
     def orders_upstreams(self) -> list[str]:

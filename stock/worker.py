@@ -22,8 +22,10 @@ from shared.health import broker_check, database_check
 from shared.messaging import STOCK_ORDERS, connect, declare_topology
 from shared.outbox import start_relays, stop_relays, wake_relays
 from shared.probe import start_probe
+from shared.retention import Purge, purge_forever
 from shared.runtime import tune_gc
 from shared.settings import Settings, get_settings
+from stock import db
 from stock.db import OLDEST_OVERDUE_HOLD_SECONDS
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
 from stock.reserve import Pending, decide_batch
@@ -31,6 +33,8 @@ from stock.reserve import Pending, decide_batch
 log = logging.getLogger(__name__)
 
 Command = PedidoCriado | PedidoConfirmado | PedidoCancelado
+# Retention (API.md §6): what the stock database lets go of (never the ledger).
+PURGES = [Purge("stock_inbox", db.PURGE_INBOX), Purge("tombstones", db.PURGE_TOMBSTONES)]
 
 
 def parse(message: AbstractIncomingMessage) -> Command:
@@ -117,6 +121,8 @@ async def main() -> None:
     relays = start_relays(settings.stock_database_url, exchange) if settings.outbox_relay else []
     probe = await serve_probe(settings, pool, amqp)
     sweeper = asyncio.create_task(sweep_forever(pool, settings, stopping))
+    retention = asyncio.create_task(purge_forever(pool, PURGES, settings.retention_interval_seconds,
+                                                  settings.retention_batch_size, stopping))
     await consumer.start()
     log.info("stock worker consuming", extra={"queue": STOCK_ORDERS})
     await stopping.wait()
@@ -125,6 +131,7 @@ async def main() -> None:
     await consumer.stop()
     await batcher.close()
     await sweeper
+    await retention
     await stop_relays(relays)
     await probe.cleanup()
     await amqp.close()

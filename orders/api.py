@@ -6,53 +6,18 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orders import db, service
 from orders.domain import UNSETTLED, Refused, Status
+from orders.models import NO_NUL, Order, OrderIn, OrderPage
 from orders.waiters import StatusWaiters
-from shared.events import Line, Shortage, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
 from shared.web import JSONResponse
 
 router = APIRouter(tags=["orders"])
 
-NO_NUL = r"^[^\x00]+$"  # PostgreSQL text cannot hold NUL
 OrderId = Annotated[uuid.UUID, Path(description="the order's id (UUIDv4)")]
-
-
-class OrderIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    customer_id: Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=NO_NUL)]
-    store_id: StoreId = "default"
-    items: Annotated[list[Line], Field(min_length=1, max_length=100)]
-
-    @field_validator("items")
-    @classmethod
-    def no_sku_twice(cls, items: list[Line]) -> list[Line]:
-        skus = [line.sku for line in items]
-        if len(set(skus)) != len(skus):
-            raise ValueError("a sku may appear only once per order")
-        return items
-
-
-class Order(BaseModel):
-    order_id: uuid.UUID
-    customer_id: str
-    store_id: str
-    items: list[Line]
-    status: Status
-    reason: str | None
-    unavailable: list[Shortage]
-    reserved_until: datetime | None
-    created_at: datetime
-    updated_at: datetime
-
-
-class OrderPage(BaseModel):
-    items: list[Order]
-    next_cursor: str | None
 
 
 PROBLEMS: dict[int | str, dict[str, Any]] = {

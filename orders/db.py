@@ -7,21 +7,22 @@ from typing import Any
 import asyncpg
 
 ORDER_COLUMNS = (
-    "order_id, customer_id, store_id, items, status, reason, unavailable, reserved_until, "
-    "created_at, updated_at"
+    "order_id, customer_id, store_id, stores, split, items, status, reason, unavailable, "
+    "allocations, reserved_until, created_at, updated_at"
 )
 
 # A batch of orders and the events announcing them in ONE statement (group commit): atomic
 # without BEGIN/COMMIT round trips, one WAL flush for the whole batch (orders/service.py Intake).
 INSERT_ORDERS_ANNOUNCED = f"""
 WITH new AS (
-    -- items and body come as JSON text: asyncpg would read a list inside an array as a dimension
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-                         $7::text[])
-        AS n(order_id, customer_id, store_id, items, event_id, request_id, body)
+    -- stores, items and body come as JSON text: asyncpg would read a list inside an array as a
+    -- dimension
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::text[],
+                         $7::uuid[], $8::text[], $9::text[])
+        AS n(order_id, customer_id, store_id, stores, split, items, event_id, request_id, body)
 ), created AS (
-    INSERT INTO orders (order_id, customer_id, store_id, items, status)
-    SELECT order_id, customer_id, store_id, items::jsonb, 'pending' FROM new
+    INSERT INTO orders (order_id, customer_id, store_id, stores, split, items, status)
+    SELECT order_id, customer_id, store_id, stores::jsonb, split, items::jsonb, 'pending' FROM new
     RETURNING {ORDER_COLUMNS}
 ), announced AS (
     INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
@@ -37,17 +38,19 @@ LOCK_ORDER = f"SELECT {ORDER_COLUMNS}, attempt FROM orders WHERE order_id = $1 F
 LOCK_ORDERS = "SELECT order_id, status, attempt FROM orders WHERE order_id = ANY($1::uuid[]) ORDER BY order_id FOR UPDATE"
 
 # Stock's answers of a batch, each order's final state (orders/service.py apply_answers).
+# A null allocations keeps the order's own (orders/domain.py Update).
 SET_STATUSES = """
 UPDATE orders o SET status = n.status, reason = n.reason, unavailable = n.unavailable::jsonb,
+                    allocations = coalesce(n.allocations::jsonb, o.allocations),
                     reserved_until = n.reserved_until, updated_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-     AS n(order_id, status, reason, unavailable, reserved_until)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+     AS n(order_id, status, reason, unavailable, allocations, reserved_until)
 WHERE o.order_id = n.order_id
 """
 
 SET_STATUS = f"""
-UPDATE orders SET status = $2, reason = $3, unavailable = $4, reserved_until = $5,
-                  attempt = $6, updated_at = now()
+UPDATE orders SET status = $2, reason = $3, unavailable = $4, allocations = $5,
+                  reserved_until = $6, attempt = $7, updated_at = now()
 WHERE order_id = $1
 RETURNING {ORDER_COLUMNS}
 """
@@ -80,10 +83,13 @@ def to_order(row: asyncpg.Record) -> dict[str, Any]:
         "order_id": str(row["order_id"]),
         "customer_id": row["customer_id"],
         "store_id": row["store_id"],
+        "stores": row["stores"],
+        "split": row["split"],
         "items": row["items"],
         "status": row["status"],
         "reason": row["reason"],
         "unavailable": row["unavailable"],
+        "allocations": row["allocations"],
         "reserved_until": _iso(row["reserved_until"]),
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),

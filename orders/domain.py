@@ -24,6 +24,8 @@ class Status(StrEnum):
     EXPIRED = "expired"
 
 
+# The statuses in which an order shows where its lines are held or sold (API.md §2).
+SHOWS_ALLOCATIONS = frozenset({Status.RESERVED, Status.CONFIRMING, Status.CONFIRMED})
 UNSETTLED = frozenset({Status.PENDING, Status.CONFIRMING})
 CANCELLABLE = frozenset({Status.PENDING, Status.RESERVED, Status.REJECTED, Status.EXPIRED})
 RESERVABLE = frozenset({Status.EXPIRED, Status.REJECTED})
@@ -48,12 +50,14 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Update:
-    """What applying a stock answer does to the order."""
+    """What applying a stock answer does to the order. `allocations` None: keep the order's own
+    (confirmed keeps what reserved set); otherwise set them ([] outside SHOWS_ALLOCATIONS)."""
 
     status: Status
     reason: str | None = None
     unavailable: list[dict[str, object]] | None = None
     reserved_until: datetime | None = None
+    allocations: list[dict[str, object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,14 +78,15 @@ def apply_stock_answer(status: Status, attempt: int, answer: AtualizarStatus) ->
     if status not in allowed:
         return Outcome(ignored=f"{answer.status} is not valid in status {status}")
     if target == Status.RESERVED:
-        return Outcome(Update(target, reserved_until=answer.reserved_until))
+        allocations = [a.model_dump() for a in sorted(answer.allocations, key=lambda a: (a.store_id, a.sku))]
+        return Outcome(Update(target, reserved_until=answer.reserved_until, allocations=allocations))
     if target == Status.REJECTED:
         unavailable = [s.model_dump() for s in answer.unavailable]
         reason = answer.reason or "insufficient_stock"
-        return Outcome(Update(target, reason=reason, unavailable=unavailable))
+        return Outcome(Update(target, reason=reason, unavailable=unavailable, allocations=[]))
     if target == Status.EXPIRED:
-        return Outcome(Update(target, reason="reservation_expired"))
-    return Outcome(Update(target))
+        return Outcome(Update(target, reason="reservation_expired", allocations=[]))
+    return Outcome(Update(target))  # confirmed: sold what reserved held, allocations kept
 
 
 def check_confirm(status: Status, reserved_until: datetime | None, now: datetime) -> None:

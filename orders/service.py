@@ -48,7 +48,7 @@ async def _announce(conn: asyncpg.Connection, event: Any, order_id: uuid.UUID) -
 
 
 # Failures after which no order of the batch was written, so none is retried alone.
-UNAVAILABLE = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
+WRITE_FAILED = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
 
 
 class Intake:
@@ -62,7 +62,7 @@ class Intake:
     def __init__(self, pool: asyncpg.Pool, max_batch: int = 100) -> None:
         self.pool = pool
         self._batcher: Batcher[tuple[tuple[Any, ...], dict[str, Any]]] = Batcher(
-            self._write, max_size=max_batch, transient=UNAVAILABLE)
+            self._write, max_size=max_batch, transient=WRITE_FAILED)
 
     async def close(self) -> None:
         await self._batcher.close()
@@ -111,16 +111,20 @@ def _order_created(order_id: uuid.UUID, attempt: int, order: Any) -> PedidoCriad
         attempt=attempt,
         customer_id=order["customer_id"],
         store_id=order["store_id"],
+        stores=order["stores"],
+        split=order["split"],
         items=[Line(**item) for item in order["items"]],
     )
 
 
 def _new_order_row(body: dict[str, Any]) -> tuple[Any, ...]:
-    """A new order and its PedidoCriado as one row of INSERT_ORDERS_ANNOUNCED."""
+    """A new order and its PedidoCriado as one row of INSERT_ORDERS_ANNOUNCED (`body` as
+    orders/models.py OrderIn gives it: stores and split always set)."""
     order_id = uuid.uuid4()
     event = _order_created(order_id, 1, body)
-    return (order_id, body["customer_id"], body["store_id"], orjson.dumps(body["items"]).decode(),
-            event.event_id, correlation_id.get(), event.model_dump_json())
+    return (order_id, body["customer_id"], body["store_id"], orjson.dumps(body["stores"]).decode(),
+            body["split"], orjson.dumps(body["items"]).decode(), event.event_id, correlation_id.get(),
+            event.model_dump_json())
 
 
 async def _insert_announced(
@@ -136,7 +140,8 @@ async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
     async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
         row = await _lock(conn, order_id)
         check_confirm(Status(row["status"]), row["reserved_until"], datetime.now(UTC))
-        order = await _set(conn, row, Status.CONFIRMING, reserved_until=row["reserved_until"])
+        order = await _set(conn, row, Status.CONFIRMING, reserved_until=row["reserved_until"],
+                           allocations=row["allocations"])
         await _announce(conn, PedidoConfirmado(order_id=order_id, attempt=row["attempt"]), order_id)
     wake_relays()
     return order
@@ -194,6 +199,8 @@ async def apply_answers(conn: asyncpg.Connection, answers: list[tuple[AtualizarS
         await conn.execute(db.SET_STATUSES, list(final), [u.status.value for u in final.values()],
                            [u.reason for u in final.values()],
                            [orjson.dumps(u.unavailable or []).decode() for u in final.values()],
+                           [None if u.allocations is None else orjson.dumps(u.allocations).decode()
+                            for u in final.values()],
                            [u.reserved_until for u in final.values()])
 
 
@@ -212,11 +219,13 @@ async def _set(
     reason: str | None = None,
     unavailable: list[dict[str, Any]] | None = None,
     reserved_until: datetime | None = None,
+    allocations: list[dict[str, Any]] | None = None,
     attempt: int | None = None,
 ) -> dict[str, Any]:
+    """Sets a status a command (not stock) decided; allocations are [] unless given."""
     updated = await conn.fetchrow(
-        db.SET_STATUS, row["order_id"], status.value, reason, unavailable or [], reserved_until,
-        attempt or row["attempt"],
+        db.SET_STATUS, row["order_id"], status.value, reason, unavailable or [], allocations or [],
+        reserved_until, attempt or row["attempt"],
     )
     metrics.order_status(status.value)
     return db.to_order(updated)

@@ -1,13 +1,21 @@
-"""Stock administration: counting (PUT) and restocking an item, with optimistic versions."""
+"""Stock administration: counting (PUT) and restocking an item, with optimistic versions.
+Refusals are domain errors (stock/domain.py); the HTTP layer turns them into answers."""
 
 from typing import Any
 
 import asyncpg
 from asgi_correlation_id import correlation_id
 
-from shared.problems import Problem
 from stock import db
-from stock.domain import Change
+from stock.domain import (
+    Change,
+    Conflict,
+    Figures,
+    UnknownItem,
+    VersionRequired,
+    check_version,
+    count,
+)
 
 MAX_ON_HAND = 1_000_000_000
 
@@ -22,20 +30,17 @@ async def put_item(
         if not expected_version:
             if current is not None:
                 if not version_given:
-                    raise Problem(422, "expected_version is required to change an existing item",
-                                  errors=[{"loc": "body.expected_version", "msg": "field required"}])
-                raise Problem(409, f"{store_id}/{sku} exists; send its current version to change it")
+                    raise VersionRequired("expected_version is required to change an existing item")
+                raise Conflict(f"{store_id}/{sku} exists; send its current version to change it")
             created = await db.create_items(conn, [(store_id, sku, on_hand)], correlation_id.get())
             if not created:  # created concurrently between our read and insert
-                raise Problem(409, f"{store_id}/{sku} was just created by another request")
+                raise Conflict(f"{store_id}/{sku} was just created by another request")
             return db.to_item(created[0]), True
         if current is None:
-            raise Problem(404, f"no stock item {store_id}/{sku}")
-        _check_version(current, expected_version)
-        if on_hand < current["reserved"]:
-            raise Problem(409, f"on_hand {on_hand} is below the {current['reserved']} units held")
-        change = Change(sku, on_hand - current["on_hand"], 0)
-        rows = await db.apply_changes(conn, store_id, "adjusted", [change], None, correlation_id.get())
+            raise UnknownItem(f"no stock item {store_id}/{sku}")
+        check_version(current["version"], expected_version)
+        change = count(store_id, sku, Figures(current["on_hand"], current["reserved"]), on_hand)
+        rows = await db.apply_changes(conn, "adjusted", [change], None, correlation_id.get())
         return db.to_item(rows[0]), False
 
 
@@ -45,18 +50,12 @@ async def restock(
     async with pool.acquire() as conn, conn.transaction():
         current = await conn.fetchrow(db.LOCK_ITEM, store_id, sku)
         if current is None:
-            raise Problem(404, f"no stock item {store_id}/{sku}")
+            raise UnknownItem(f"no stock item {store_id}/{sku}")
         if expected_version is not None:
-            _check_version(current, expected_version)
+            check_version(current["version"], expected_version)
         if current["on_hand"] + quantity > MAX_ON_HAND:
-            raise Problem(409, f"on_hand would exceed {MAX_ON_HAND}")
+            raise Conflict(f"on_hand would exceed {MAX_ON_HAND}")
         rows = await db.apply_changes(
-            conn, store_id, "restocked", [Change(sku, quantity, 0)], None, correlation_id.get()
+            conn, "restocked", [Change(store_id, sku, quantity, 0)], None, correlation_id.get()
         )
         return db.to_item(rows[0])
-
-
-def _check_version(current: asyncpg.Record, expected: int) -> None:
-    if current["version"] != expected:
-        raise Problem(409, f"version mismatch: the item is at version {current['version']}, "
-                           f"not {expected}; read it again and retry")

@@ -13,7 +13,7 @@ from shared.events import Sku, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
 from shared.web import JSONResponse
-from stock import admin, db, imports
+from stock import admin, db, domain, imports
 from stock.auth import Admin
 
 router = APIRouter(tags=["stock"])
@@ -151,18 +151,31 @@ async def list_items(
 @router.put("/stores/{store_id}/stock/{sku}", dependencies=[Admin],
             responses={200: {"model": StockItem}, 201: {"model": StockItem}, **PROBLEMS})
 async def put_item(store_id: StorePath, sku: SkuPath, body: PutStock, request: Request) -> JSONResponse:
-    item, created = await admin.put_item(
-        _pool(request), store_id, sku, body.on_hand, body.expected_version,
-        "expected_version" in body.model_fields_set,
-    )
+    try:
+        item, created = await admin.put_item(
+            _pool(request), store_id, sku, body.on_hand, body.expected_version,
+            "expected_version" in body.model_fields_set,
+        )
+    except domain.StockError as exc:
+        raise _problem(exc) from None
     return JSONResponse(item, status_code=201 if created else 200)
 
 
 @router.post("/stores/{store_id}/stock/{sku}/restock", dependencies=[Admin],
              responses={200: {"model": StockItem}, **PROBLEMS})
 async def restock(store_id: StorePath, sku: SkuPath, body: Restock, request: Request) -> JSONResponse:
-    item = await admin.restock(_pool(request), store_id, sku, body.quantity, body.expected_version)
+    try:
+        item = await admin.restock(_pool(request), store_id, sku, body.quantity, body.expected_version)
+    except domain.StockError as exc:
+        raise _problem(exc) from None
     return JSONResponse(item)
+
+
+def _problem(exc: domain.StockError) -> Problem:
+    """A refusal of stock's rules as an answer (API.md §3)."""
+    if isinstance(exc, domain.VersionRequired):
+        return Problem(422, str(exc), errors=[{"loc": "body.expected_version", "msg": "field required"}])
+    return Problem(404 if isinstance(exc, domain.UnknownItem) else 409, str(exc))
 
 
 def _read_sku_cursor(values: list[Any]) -> str:

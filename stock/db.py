@@ -9,33 +9,22 @@ row to lock: without it a cancel and its own PedidoCriado, handled at once by tw
 both see "no row" and each write blindly over the other."""
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
-from stock.domain import Change, Figures
+from stock.domain import Change
 
 ITEM_COLUMNS = "store_id, sku, on_hand, reserved, on_hand - reserved AS available, version, updated_at"
 
-LOCK_ITEMS_OF_STORE = """
-SELECT sku, on_hand, reserved FROM stock_item
-WHERE store_id = $1 AND sku = ANY($2::text[])
-ORDER BY store_id, sku
-FOR UPDATE
-"""
-
-LOCK_ITEMS_ANYWHERE = """
+LOCK_ITEMS = """
 SELECT store_id, sku FROM stock_item
 WHERE (store_id, sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 ORDER BY store_id, sku
 FOR UPDATE
 """
 
-# Applies deltas to items of one store, appends one ledger movement per item and announces
-# each change (EstoqueAlterado) through the outbox, all in one statement. `at` takes the
-# clock after the row lock and never goes below the previous change, so the ledger's times
-# never decrease along its versions.
 # The EstoqueAlterado body (API.md §6) from a row carrying the figures after a change. The live
 # feed builds the same body from the ledger, so a replayed event is identical to the live one.
 def _stock_changed(at: str, kind: str) -> str:
@@ -45,13 +34,14 @@ def _stock_changed(at: str, kind: str) -> str:
         'available', on_hand - reserved, 'version', version, 'kind', {kind})"""
 
 
-# Applies deltas to items of one store, appends one ledger movement per item and announces
+# Applies deltas to items (of any stores), appends one movement per item and announces
 # each change (EstoqueAlterado) through the outbox, all in one statement. `at` takes the
 # clock after the row lock and never goes below the previous change, so the ledger's times
 # never decrease along its versions.
 APPLY_CHANGES = f"""
 WITH change AS (
-    SELECT * FROM unnest($2::text[], $3::int[], $4::int[]) AS c(sku, on_hand_delta, reserved_delta)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[])
+        AS c(store_id, sku, on_hand_delta, reserved_delta)
 ), updated AS (
     UPDATE stock_item s
     SET on_hand = s.on_hand + c.on_hand_delta,
@@ -59,12 +49,12 @@ WITH change AS (
         version = s.version + 1,
         updated_at = greatest(clock_timestamp(), s.updated_at)
     FROM change c
-    WHERE s.store_id = $1 AND s.sku = c.sku
+    WHERE s.store_id = c.store_id AND s.sku = c.sku
     RETURNING s.store_id, s.sku, s.on_hand, s.reserved, s.version, s.updated_at,
               c.on_hand_delta, c.reserved_delta
 ), event AS (
     SELECT gen_random_uuid() AS event_id, u.* FROM updated u
-), ledger AS (
+), moved AS (
     INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
                           on_hand, reserved, order_id, at, event_id)
     SELECT store_id, sku, version, $5, on_hand_delta, reserved_delta, on_hand, reserved, $6::uuid,
@@ -75,7 +65,7 @@ WITH change AS (
     SELECT event_id, 'EstoqueAlterado', $6::uuid::text, $7, {_stock_changed("updated_at", "$5::text")}
     FROM event
 )
-SELECT {ITEM_COLUMNS} FROM updated ORDER BY sku
+SELECT {ITEM_COLUMNS} FROM updated ORDER BY store_id, sku
 """
 
 # Creates items that do not exist yet (version 1, ledger `created`), announced like any change.
@@ -88,7 +78,7 @@ WITH created AS (
     RETURNING *
 ), event AS (
     SELECT gen_random_uuid() AS event_id, 'created' AS kind, c.* FROM created c
-), ledger AS (
+), moved AS (
     INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
                           on_hand, reserved, order_id, at, event_id)
     SELECT store_id, sku, 1, kind, on_hand, 0, on_hand, 0, NULL, updated_at, event_id FROM event
@@ -140,20 +130,22 @@ SELECT pg_advisory_xact_lock(hashtextextended(store_id, 7000004))
 FROM (SELECT DISTINCT store_id FROM unnest({stores}) AS store_id ORDER BY store_id) ordered
 """
 LOCK_FEEDS = _LOCK_FEEDS_OF.format(stores="$1::text[]")
-LOCK_STOCK_ORDER = "SELECT order_id, store_id, attempt, state, expires_at FROM stock_order WHERE order_id = $1 FOR UPDATE"
+LOCK_STOCK_ORDER = "SELECT order_id, attempt, state, expires_at FROM stock_order WHERE order_id = $1 FOR UPDATE"
 SAVE_STOCK_ORDER = """
-INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, now())
+INSERT INTO stock_order (order_id, attempt, state, expires_at, updated_at)
+VALUES ($1, $2, $3, $4, now())
 ON CONFLICT (order_id) DO UPDATE
 SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
     updated_at = now()
 """
-TAKE_HOLD_LINES = "DELETE FROM reservation WHERE order_id = $1 RETURNING sku, quantity"
-SELECT_HOLD_LINES = """
-SELECT order_id, store_id, sku, quantity FROM reservation WHERE order_id = ANY($1::uuid[])
+# An order's holds, one per (store, sku) it is held in.
+TAKE_HOLDS = "DELETE FROM hold WHERE order_id = $1 RETURNING store_id, sku, quantity"
+SELECT_HOLDS = """
+SELECT order_id, store_id, sku, quantity FROM hold WHERE order_id = ANY($1::uuid[])
+ORDER BY order_id, store_id, sku
 """
 CLAIM_EXPIRED = """
-SELECT order_id, store_id, attempt FROM stock_order
+SELECT order_id, attempt FROM stock_order
 WHERE state = 'held' AND expires_at <= clock_timestamp()
 ORDER BY expires_at
 LIMIT $1
@@ -180,26 +172,25 @@ async def create_items(
                             [r[2] for r in rows], request_id)
 
 
-async def lock_items_of_store(
-    conn: asyncpg.Connection, store_id: str, skus: Sequence[str]
-) -> dict[str, Figures]:
-    rows = await conn.fetch(LOCK_ITEMS_OF_STORE, store_id, sorted(skus))
-    return {r["sku"]: Figures(r["on_hand"], r["reserved"]) for r in rows}
+async def lock_items(conn: asyncpg.Connection, keys: Iterable[tuple[str, str]]) -> None:
+    """Locks the (store_id, sku) items in the one global order."""
+    ordered = sorted(set(keys))
+    await conn.execute(LOCK_ITEMS, [k[0] for k in ordered], [k[1] for k in ordered])
 
 
 async def apply_changes(
     conn: asyncpg.Connection,
-    store_id: str,
     kind: str,
     changes: Sequence[Change],
     order_id: uuid.UUID | None,
     request_id: str | None,
 ) -> list[asyncpg.Record]:
-    """The one place an existing item changes. The caller holds the items' locks."""
-    await lock_feeds(conn, [store_id])
+    """The one place an existing item changes (each change names its store). The caller holds
+    the items' locks; the stores' feed locks are taken here, in store order."""
+    await lock_feeds(conn, sorted({c.store_id for c in changes}))
     return await conn.fetch(
         APPLY_CHANGES,
-        store_id,
+        [c.store_id for c in changes],
         [c.sku for c in changes],
         [c.on_hand_delta for c in changes],
         [c.reserved_delta for c in changes],
@@ -278,36 +269,40 @@ UNION ALL
 SELECT 'item', NULL, NULL, NULL, store_id, sku, on_hand, reserved, version, updated_at, clock_timestamp()
 FROM items
 """
-# Every write of a batch: the orders' decisions ($1-$5), the held lines as ledger movements
-# with their EstoqueAlterado ($6-$14; an item's new figures are those of its last movement, its
-# holds are the movements themselves) and the orders' AtualizarStatus ($15-$18). The feed
-# locks (LOCK_FEEDS) come first: the ledger insert reads them, so no movement takes its id
-# before the store's feed is held. Waiting for them inside this statement is safe (unlike in
+# Every write of a batch: the orders' decisions ($1-$4), the holds as movements with their
+# EstoqueAlterado ($5-$14: one per (order, store, sku), deltas and figures after it as the
+# domain computed them; an item's new figures are those of its last movement, its holds are the
+# movements themselves) and the orders' AtualizarStatus ($15-$18). The feed locks
+# (LOCK_FEEDS) come first: the movement insert reads them, so no movement takes its id before
+# the store's feed is held. Waiting for them inside this statement is safe (unlike in
 # LOCK_ROWS): it reads nothing but its parameters and rows this transaction holds locked.
 SAVE_DECISIONS = f"""
 WITH decided AS (
-    INSERT INTO stock_order (order_id, store_id, attempt, state, expires_at, updated_at)
-    SELECT *, now() FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])
+    INSERT INTO stock_order (order_id, attempt, state, expires_at, updated_at)
+    SELECT *, now() FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[])
     ON CONFLICT (order_id) DO UPDATE
     SET attempt = EXCLUDED.attempt, state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
         updated_at = now()
 ), m AS (
     SELECT gen_random_uuid() AS event_id, * FROM unnest(
-        $6::text[], $7::text[], $8::bigint[], $9::int[], $10::int[], $11::int[], $12::uuid[],
-        $13::timestamptz[], $14::text[])
-        AS m(store_id, sku, version, quantity, on_hand, reserved, order_id, at, request_id)
+        $5::text[], $6::text[], $7::bigint[], $8::int[], $9::int[], $10::int[], $11::int[],
+        $12::uuid[], $13::timestamptz[], $14::text[])
+        AS m(store_id, sku, version, on_hand_delta, reserved_delta, on_hand, reserved, order_id,
+             at, request_id)
 ), feeds AS (
-    SELECT count(*) AS stores FROM ({_LOCK_FEEDS_OF.format(stores="$6::text[]")}) l
-), ledger AS (
+    SELECT count(*) AS stores FROM ({_LOCK_FEEDS_OF.format(stores="$5::text[]")}) l
+), moved AS (
     INSERT INTO movement (store_id, sku, version, kind, on_hand_delta, reserved_delta,
                           on_hand, reserved, order_id, at, event_id)
-    SELECT store_id, sku, version, 'reserved', 0, quantity, on_hand, reserved, order_id, at, event_id
+    SELECT store_id, sku, version, 'reserved', on_hand_delta, reserved_delta, on_hand, reserved,
+           order_id, at, event_id
     FROM m CROSS JOIN feeds ORDER BY store_id, sku, version
 ), held AS (
-    INSERT INTO reservation (order_id, store_id, sku, quantity)
-    SELECT order_id, store_id, sku, quantity FROM m
+    INSERT INTO hold (order_id, store_id, sku, quantity)
+    SELECT order_id, store_id, sku, reserved_delta FROM m
 ), items AS (
-    UPDATE stock_item s SET reserved = last.reserved, version = last.version, updated_at = last.at
+    UPDATE stock_item s SET on_hand = last.on_hand, reserved = last.reserved,
+                            version = last.version, updated_at = last.at
     FROM (SELECT DISTINCT ON (store_id, sku) * FROM m ORDER BY store_id, sku, version DESC) last
     WHERE s.store_id = last.store_id AND s.sku = last.sku
 ), changes AS (
@@ -339,6 +334,11 @@ FROM (
                                WHEN 'expired' THEN 'ReservaExpirada'
                                ELSE 'ReservaLiberada' END,
         'reserved_until', CASE WHEN o.state = 'held' THEN o.expires_at END,
+        'allocations', CASE WHEN o.state = 'held' THEN (
+            SELECT coalesce(jsonb_agg(jsonb_build_object('store_id', h.store_id, 'sku', h.sku,
+                                                         'quantity', h.quantity)
+                                      ORDER BY h.store_id, h.sku), '[]'::jsonb)
+            FROM hold h WHERE h.order_id = o.order_id) ELSE '[]'::jsonb END,
         'unavailable', '[]'::jsonb, 'reason', NULL)) AS body
     FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(order_id, attempt, request_id)
     JOIN stock_order o ON o.order_id = r.order_id AND o.attempt = r.attempt

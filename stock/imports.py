@@ -8,7 +8,7 @@ and never deadlock with an import."""
 import csv
 import io
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -118,17 +118,12 @@ async def import_rows(conn: asyncpg.Connection, rows: AsyncIterator[Row], reques
     if short is not None:
         raise BadRow(short["line"], f"on_hand {short['new_on_hand']} is below the {short['reserved']} units held")
     await db.lock_feeds(conn, [r["store_id"] for r in await conn.fetch(db.IMPORT_STORES)])
-    for store_id, changes in _by_store(existing):
-        await db.apply_changes(conn, store_id, "adjusted", changes, None, request_id)
+    if existing:
+        changes = [Change(r["store_id"], r["sku"], r["new_on_hand"] - r["on_hand"], 0) for r in existing]
+        await db.apply_changes(conn, "adjusted", changes, None, request_id)
     new = await conn.fetch(db.IMPORT_NEW)
     if new:
         await db.create_items(conn, [(r["store_id"], r["sku"], r["on_hand"]) for r in new], request_id)
     total = await conn.fetchval("SELECT count(*) FROM import_row")
     return ImportResult(rows=total, created=len(new), adjusted=len(existing))
 
-
-def _by_store(existing: list[asyncpg.Record]) -> Iterator[tuple[str, list[Change]]]:
-    stores: dict[str, list[Change]] = {}
-    for r in existing:
-        stores.setdefault(r["store_id"], []).append(Change(r["sku"], r["new_on_hand"] - r["on_hand"], 0))
-    yield from stores.items()

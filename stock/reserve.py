@@ -8,6 +8,10 @@ once per batch instead of once per order, which is what lets a flash sale go fas
 one-order-per-transaction ever can; and a batch costs five round trips to PostgreSQL whatever
 its size. A batch of one is the quiet-time case.
 
+A several-store order locks its sku's rows in every candidate store, in the same statement as
+everyone else's: orders sharing a hot store still share one lock of it per batch, so several
+stores cost a batch more rows, never more round trips or transactions.
+
 Lock order as everywhere (stock/db.py): the batch's orders first (by order_id), then all its
 items at once in (store_id, sku) order."""
 
@@ -15,16 +19,25 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 from shared import metrics
 from shared.events import AtualizarStatus, PedidoCriado
 from stock import db
-from stock.domain import Figures, decide
+from stock.domain import Figures, allocate, decision_answer, hold
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A PedidoCriado as the worker received it."""
+
+    cmd: PedidoCriado
+    message_id: str
+    request_id: str | None
 
 
 @dataclass
@@ -34,9 +47,6 @@ class Item:
     figures: Figures
     version: int
     at: datetime
-
-
-Pending = tuple[PedidoCriado, str, str | None]  # the command, its message_id, its request id
 
 
 @dataclass
@@ -49,14 +59,42 @@ class Locked:
     now: datetime  # read after the item locks
 
 
+class DecidedRow(NamedTuple):
+    order_id: uuid.UUID
+    attempt: int
+    state: str
+    expires_at: datetime | None
+
+
+class MovementRow(NamedTuple):
+    """A hold's movement: the item's figures after it, as SAVE_DECISIONS writes them."""
+
+    store_id: str
+    sku: str
+    version: int
+    on_hand_delta: int
+    reserved_delta: int
+    on_hand: int
+    reserved: int
+    order_id: uuid.UUID
+    at: datetime
+    request_id: str | None
+
+
+class AnswerRow(NamedTuple):
+    event_id: uuid.UUID
+    correlation_id: str
+    request_id: str | None
+    body: dict[str, Any]
+
+
 @dataclass
 class Writes:
     """Everything the batch will write, as rows for the set-based SAVE_DECISIONS."""
 
-    orders: list[tuple[uuid.UUID, str, int, str, datetime | None]] = field(default_factory=list)
-    # (store_id, sku, version, quantity, on_hand, reserved, order_id, at, request_id)
-    movements: list[tuple[Any, ...]] = field(default_factory=list)
-    answers: list[tuple[uuid.UUID, str, str | None, dict[str, Any]]] = field(default_factory=list)
+    orders: list[DecidedRow] = field(default_factory=list)
+    movements: list[MovementRow] = field(default_factory=list)
+    answers: list[AnswerRow] = field(default_factory=list)
 
 
 def fresh_commands(
@@ -91,16 +129,16 @@ def asked_again(cmds: list[PedidoCriado], known: dict[uuid.UUID, asyncpg.Record]
     return [cmd for cmd in cmds if cmd.order_id in known and known[cmd.order_id]["attempt"] == cmd.attempt]
 
 
-async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_seconds: float) -> None:
+async def decide_batch(conn: asyncpg.Connection, batch: list[Arrival], ttl_seconds: float) -> None:
     """Decides the batch inside the caller's transaction, each message recorded in the inbox; a
     message handled before changes nothing. Each order's request id goes into its events."""
-    locked = await _lock(conn, [cmd for cmd, _, _ in batch], [m for _, m, _ in batch])
+    locked = await _lock(conn, [a.cmd for a in batch], [a.message_id for a in batch])
     firsts: list[PedidoCriado] = []
-    for cmd, message_id, _ in batch:
-        if message_id in locked.fresh:
-            locked.fresh.discard(message_id)  # the same message twice in one batch counts once
-            firsts.append(cmd)
-    request_ids = {cmd.order_id: request_id for cmd, _, request_id in batch}
+    for arrival in batch:
+        if arrival.message_id in locked.fresh:
+            locked.fresh.discard(arrival.message_id)  # the same message twice in one batch counts once
+            firsts.append(arrival.cmd)
+    request_ids = {a.cmd.order_id: a.request_id for a in batch}
     again = asked_again(firsts, locked.known)
     if again:  # the decision already made, answered again; no stock changes
         await conn.execute(db.ANSWER_AGAIN, [c.order_id for c in again], [c.attempt for c in again],
@@ -113,17 +151,22 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Pending], ttl_secon
     writes = Writes()
     for cmd in cmds:
         _decide_one(cmd, locked.items, expires_at, writes, request_ids.get(cmd.order_id))
-    await conn.execute(db.SAVE_DECISIONS, *_columns(writes.orders, 5),
-                       *_columns(writes.movements, 9), *_columns(writes.answers, 4))
+    await conn.execute(db.SAVE_DECISIONS, *_columns(writes.orders, DecidedRow),
+                       *_columns(writes.movements, MovementRow), *_columns(writes.answers, AnswerRow))
     for cmd in cmds:
         metrics.decided(cmd.occurred_at)
 
 
+def candidate_items(cmds: list[PedidoCriado]) -> list[tuple[str, str]]:
+    """Every (store_id, sku) a batch may hold, in the global lock order."""
+    return sorted({(store, line.sku) for c in cmds for store in c.stores for line in c.items})
+
+
 async def _lock(conn: asyncpg.Connection, cmds: list[PedidoCriado], message_ids: list[str]) -> Locked:
-    """Every line's item is locked, even of an order that turns out to be decided already: one
-    round trip for all row locks is worth the rare needless one."""
+    """Every candidate item of every order is locked, even of an order that turns out to be
+    decided already: one round trip for all row locks is worth the rare needless one."""
     fresh = await conn.fetch(db.CLAIM_MESSAGES, [c.order_id for c in cmds], message_ids)
-    keys = sorted({(c.store_id, line.sku) for c in cmds for line in c.items})
+    keys = candidate_items(cmds)
     rows = await conn.fetch(db.LOCK_ROWS, [c.order_id for c in cmds],
                             [k[0] for k in keys], [k[1] for k in keys])
     now: datetime = max(r["now"] for r in rows) if rows else datetime.now(UTC)
@@ -141,33 +184,35 @@ def _decide_one(
     cmd: PedidoCriado, items: dict[tuple[str, str], Item], expires_at: datetime, writes: Writes,
     request_id: str | None,
 ) -> None:
-    lines = list(cmd.items)
-    stock = {line.sku: items[(cmd.store_id, line.sku)].figures
-             for line in lines if (cmd.store_id, line.sku) in items}
-    decision = decide(lines, stock)
+    """The allocation rule on the batch's figures so far; a hold changes them for the orders
+    after it (arrival order)."""
+    stock = {key: items[key].figures
+             for key in ((s, line.sku) for s in cmd.stores for line in cmd.items) if key in items}
+    decision = allocate(cmd.items, cmd.stores, cmd.split, stock)
     if not decision.held:
-        writes.orders.append((cmd.order_id, cmd.store_id, cmd.attempt, "rejected", None))
-        _answer(writes, cmd, "EstoqueNaoDisponivel", request_id,
-                unavailable=list(decision.shortages), reason=decision.reason)
+        writes.orders.append(DecidedRow(cmd.order_id, cmd.attempt, "rejected", None))
+        _answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, None), request_id)
         metrics.hold("rejected")
         return
-    for line in sorted(lines, key=lambda line: line.sku):
-        item = items[(cmd.store_id, line.sku)]
-        item.figures = Figures(item.figures.on_hand, item.figures.reserved + line.quantity)
+    for change in hold(decision.allocations):
+        item = items[(change.store_id, change.sku)]
+        item.figures = item.figures.after(change)
         item.version += 1
-        writes.movements.append((cmd.store_id, line.sku, item.version, line.quantity,
-                                 item.figures.on_hand, item.figures.reserved, cmd.order_id, item.at,
-                                 request_id))
-    writes.orders.append((cmd.order_id, cmd.store_id, cmd.attempt, "held", expires_at))
-    _answer(writes, cmd, "EstoqueReservado", request_id, reserved_until=expires_at)
+        writes.movements.append(MovementRow(
+            change.store_id, change.sku, item.version, change.on_hand_delta, change.reserved_delta,
+            item.figures.on_hand, item.figures.reserved, cmd.order_id, item.at, request_id))
+    writes.orders.append(DecidedRow(cmd.order_id, cmd.attempt, "held", expires_at))
+    _answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, expires_at), request_id)
     metrics.hold("held")
 
 
-def _answer(writes: Writes, cmd: PedidoCriado, status: str, request_id: str | None, **extra: Any) -> None:
-    event = AtualizarStatus(order_id=cmd.order_id, attempt=cmd.attempt, status=status, **extra)  # type: ignore[arg-type]
-    writes.answers.append((event.event_id, str(cmd.order_id), request_id, event.model_dump(mode="json")))
+def _answer(writes: Writes, event: AtualizarStatus, request_id: str | None) -> None:
+    writes.answers.append(AnswerRow(event.event_id, str(event.order_id), request_id,
+                                    event.model_dump(mode="json")))
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as the column arrays `unnest` takes (empty columns for no rows)."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+def _columns(rows: list[Any], row_type: type[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows (named tuples of `row_type`) as the column arrays `unnest` takes."""
+    if not rows:
+        return [[] for _ in row_type._fields]  # type: ignore[attr-defined]
+    return [list(column) for column in zip(*rows, strict=True)]

@@ -28,7 +28,7 @@ from shared.settings import Settings, get_settings
 from stock import db
 from stock.db import OLDEST_OVERDUE_HOLD_SECONDS
 from stock.holds import on_order_cancelled, on_order_confirmed, sweep_expired
-from stock.reserve import Pending, decide_batch
+from stock.reserve import Arrival, decide_batch
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def parse(message: AbstractIncomingMessage) -> Command:
 def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-untyped-def]
     """Decides a batch of PedidoCriado in one transaction (stock/reserve.py)."""
 
-    async def flush(batch: list[Pending]) -> None:
+    async def flush(batch: list[Arrival]) -> None:
         async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
             await decide_batch(conn, batch, settings.reservation_ttl_seconds)
         wake_relays()
@@ -55,10 +55,10 @@ def decide_pending(pool: asyncpg.Pool, settings: Settings):  # type: ignore[no-u
     return flush
 
 
-def handler(pool: asyncpg.Pool, batcher: Batcher[Pending]):  # type: ignore[no-untyped-def]
+def handler(pool: asyncpg.Pool, batcher: Batcher[Arrival]):  # type: ignore[no-untyped-def]
     async def handle(cmd: Command, message_id: str) -> None:
         if isinstance(cmd, PedidoCriado):
-            await batcher.submit((cmd, message_id, correlation_id.get()))
+            await batcher.submit(Arrival(cmd, message_id, correlation_id.get()))
             return
         async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
             if not await first_delivery(conn, message_id):
@@ -110,7 +110,7 @@ async def main() -> None:
     await channel.set_qos(prefetch_count=settings.prefetch_count)
     exchange = await declare_topology(channel, settings.delivery_limit)
     queue = await channel.get_queue(STOCK_ORDERS)
-    batcher: Batcher[Pending] = Batcher(decide_pending(pool, settings), max_size=settings.batch_size,
+    batcher: Batcher[Arrival] = Batcher(decide_pending(pool, settings), max_size=settings.batch_size,
                                         transient=TRANSIENT)
     consumer = Consumer(queue, channel, parse, handler(pool, batcher))
     tune_gc()

@@ -22,7 +22,7 @@ async def _check_stock_invariants(conn: asyncpg.Connection) -> dict[tuple[str, s
     items = {(r["store_id"], r["sku"]): dict(r) for r in await conn.fetch(
         "SELECT store_id, sku, on_hand, reserved, version FROM stock_item")}
     holds = {(r["store_id"], r["sku"]): r["held"] for r in await conn.fetch(
-        "SELECT store_id, sku, sum(quantity) AS held FROM reservation GROUP BY 1, 2")}
+        "SELECT store_id, sku, sum(quantity) AS held FROM hold GROUP BY 1, 2")}
     ledger = {(r["store_id"], r["sku"]): r for r in await conn.fetch("""
         SELECT store_id, sku, sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved,
                count(*) AS n, min(version) AS first, max(version) AS last,
@@ -39,9 +39,9 @@ async def _check_stock_invariants(conn: asyncpg.Connection) -> dict[tuple[str, s
         assert entry["times_ok"], key
     held_orders = await conn.fetchval("""
         SELECT count(*) FROM stock_order o
-        WHERE o.state = 'held' AND NOT EXISTS (SELECT 1 FROM reservation r WHERE r.order_id = o.order_id)""")
+        WHERE o.state = 'held' AND NOT EXISTS (SELECT 1 FROM hold r WHERE r.order_id = o.order_id)""")
     assert held_orders == 0, "an order is 'held' without held lines"
     stray = await conn.fetchval("""
-        SELECT count(*) FROM reservation r JOIN stock_order o USING (order_id) WHERE o.state <> 'held'""")
+        SELECT count(*) FROM hold r JOIN stock_order o USING (order_id) WHERE o.state <> 'held'""")
     assert stray == 0, "held lines belong to an order that is no longer held"
     return items

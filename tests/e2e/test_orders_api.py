@@ -28,10 +28,13 @@ ORDER_FIELDS = {
     "order_id",
     "customer_id",
     "store_id",
+    "stores",
+    "split",
     "items",
     "status",
     "reason",
     "unavailable",
+    "allocations",
     "reserved_until",
     "created_at",
     "updated_at",
@@ -83,17 +86,20 @@ async def test_create_answers_202_with_location_and_the_pending_order(stack: Sta
         assert set(order) == ORDER_FIELDS
         assert uuid.UUID(order["order_id"]).version == 4
         assert response.headers["location"] == f"/orders/{order['order_id']}"
-        assert (order["customer_id"], order["store_id"], order["items"]) == (
+        assert (order["customer_id"], order["store_id"], order["stores"], order["split"], order["items"]) == (
             customer,
             store,
+            [store],
+            False,
             body["items"],
         )
         assert (
             order["status"],
             order["reason"],
             order["unavailable"],
+            order["allocations"],
             order["reserved_until"],
-        ) == ("pending", None, [], None)
+        ) == ("pending", None, [], [], None)
         fetched = await client.get(response.headers["location"])
         assert fetched.status_code == 200
         assert fetched.json()["order_id"] == order["order_id"]

@@ -295,7 +295,7 @@ async def test_duplicate_and_out_of_order_messages(fault_stack: Stack) -> None:
         try:
             moved = await stock.fetchval("SELECT count(*) FROM movement WHERE order_id = ANY($1::uuid[])",
                                          list(cancelled))
-            held = await stock.fetchval("SELECT count(*) FROM reservation WHERE order_id = ANY($1::uuid[])",
+            held = await stock.fetchval("SELECT count(*) FROM hold WHERE order_id = ANY($1::uuid[])",
                                         list(cancelled))
         finally:
             await stock.close()

@@ -243,13 +243,13 @@ async def effect_violations(
         orders = {r["order_id"]: r for r in await orders_conn.fetch(
             "SELECT order_id::text, store_id, status, attempt, items::text FROM orders")}
         decided = {r["order_id"]: r for r in await stock.fetch(
-            "SELECT order_id::text, store_id, state, attempt FROM stock_order")}
+            "SELECT order_id::text, state, attempt FROM stock_order")}
         moves: dict[str, list[Any]] = defaultdict(list)
         for r in await stock.fetch("SELECT order_id::text, sku, kind, on_hand_delta, reserved_delta "
                                    "FROM movement WHERE order_id IS NOT NULL"):
             moves[r["order_id"]].append(r)
         holds: dict[str, dict[str, int]] = defaultdict(dict)
-        for r in await stock.fetch("SELECT order_id::text, sku, quantity FROM reservation"):
+        for r in await stock.fetch("SELECT order_id::text, sku, quantity FROM hold"):
             holds[r["order_id"]][r["sku"]] = r["quantity"]
 
         expected_reserved: Counter[str] = Counter()

@@ -253,7 +253,7 @@ async def dead_letter(stack: Stack, queue: str, order_id: str, event_type: str) 
 async def held(stack: Stack, order_id: str) -> list[tuple[str, int]]:
     conn = await stack.stock_db()
     try:
-        rows = await conn.fetch("SELECT sku, quantity FROM reservation WHERE order_id = $1", uuid.UUID(order_id))
+        rows = await conn.fetch("SELECT sku, quantity FROM hold WHERE order_id = $1", uuid.UUID(order_id))
         await check_stock_invariants(conn)
         return [(r["sku"], r["quantity"]) for r in rows]
     finally:

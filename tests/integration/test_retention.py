@@ -113,8 +113,8 @@ async def test_stock_retention_deletes_old_tombstones_and_inbox_entries_never_th
 
             async def orders(state: str, count: int, age: float) -> set[str]:
                 made = [uuid.uuid4() for _ in range(count)]
-                await conn.execute("""INSERT INTO stock_order (order_id, store_id, attempt, state, updated_at)
-                                      SELECT unnest($1::uuid[]), 'S', 1, $2, now() - make_interval(secs => $3)""",
+                await conn.execute("""INSERT INTO stock_order (order_id, attempt, state, updated_at)
+                                      SELECT unnest($1::uuid[]), 1, $2, now() - make_interval(secs => $3)""",
                                    made, state, age)
                 await conn.execute("""INSERT INTO stock_answer (order_id, attempt, body, answered_at)
                                       SELECT unnest($1::uuid[]), 1, '{}', now()""", made)

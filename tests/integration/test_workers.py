@@ -162,9 +162,10 @@ async def test_500_concurrent_orders_on_crossing_lines(stack: Stack) -> None:
 
         # 4. Stock's own view of each order: all lines held, or none.
         states = {str(r["order_id"]): r["state"] for r in await conn.fetch(
-            "SELECT order_id, state FROM stock_order WHERE store_id = $1", store)}
+            "SELECT order_id, state FROM stock_order WHERE order_id = ANY($1::uuid[])",
+            [uuid.UUID(i) for i in ids])}
         held_lines: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        for r in await conn.fetch("SELECT order_id, sku, quantity FROM reservation WHERE store_id = $1", store):
+        for r in await conn.fetch("SELECT order_id, sku, quantity FROM hold WHERE store_id = $1", store):
             held_lines[str(r["order_id"])].add((r["sku"], r["quantity"]))
         ledger_lines: dict[str, int] = defaultdict(int)
         for r in await conn.fetch("""SELECT order_id, count(*) AS n FROM movement
@@ -227,7 +228,7 @@ async def test_a_redelivered_order_is_held_once(stack: Stack) -> None:
             "SELECT kind, reserved_delta FROM movement WHERE order_id = $1 ORDER BY id", event.order_id)
         assert [(m["kind"], m["reserved_delta"]) for m in moves] == [("reserved", 2)]
         assert await conn.fetchval("SELECT count(*) FROM inbox WHERE message_id = $1", message_id) == 1
-        held = await conn.fetch("SELECT sku, quantity FROM reservation WHERE order_id = $1", event.order_id)
+        held = await conn.fetch("SELECT sku, quantity FROM hold WHERE order_id = $1", event.order_id)
         assert [(r["sku"], r["quantity"]) for r in held] == [(sku, 2)]
         answers = await conn.fetchval(
             """SELECT count(*) FROM outbox WHERE event_type = 'AtualizarStatus'

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from orders.domain import (
+    SHOWS_ALLOCATIONS,
     Outcome,
     Refused,
     Status,
@@ -14,7 +15,7 @@ from orders.domain import (
     check_confirm,
     check_reserve,
 )
-from shared.events import AtualizarStatus, Shortage
+from shared.events import Allocation, AtualizarStatus, Shortage
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=30)
@@ -205,3 +206,28 @@ def test_reserve_in_any_other_status_conflicts(status: Status) -> None:
     with pytest.raises(Refused) as refused:
         check_reserve(status)
     assert refused.value.status_code == 409
+
+
+# ----- allocations: set when reserved, kept through confirming/confirmed, [] otherwise ----------
+
+def test_reserved_takes_the_allocations_sorted_by_store_and_sku() -> None:
+    given = [Allocation(store_id="S2", sku="A", quantity=1), Allocation(store_id="S1", sku="B", quantity=2),
+             Allocation(store_id="S1", sku="A", quantity=2)]
+    outcome = apply_stock_answer(Status.PENDING, 1, answer("EstoqueReservado", allocations=given))
+    assert outcome.update is not None
+    assert outcome.update.allocations == [
+        {"store_id": "S1", "sku": "A", "quantity": 2}, {"store_id": "S1", "sku": "B", "quantity": 2},
+        {"store_id": "S2", "sku": "A", "quantity": 1}]
+
+
+@pytest.mark.parametrize(("status", "kind", "expected"), [
+    (Status.CONFIRMING, "EstoqueBaixado", None),      # confirmed keeps what reserved set
+    (Status.RESERVED, "ReservaExpirada", []),
+    (Status.CONFIRMING, "ReservaExpirada", []),
+    (Status.PENDING, "EstoqueNaoDisponivel", []),
+])
+def test_allocations_are_kept_only_while_held_or_sold(status: Status, kind: str, expected: list[object] | None) -> None:
+    outcome = apply_stock_answer(status, 1, answer(kind))
+    assert outcome.update is not None
+    assert outcome.update.allocations == expected
+    assert (outcome.update.status in SHOWS_ALLOCATIONS) == (expected is None or expected != [])

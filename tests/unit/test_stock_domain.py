@@ -1,15 +1,39 @@
-"""The stock decision and the item changes (stock/domain.py): pure rules, no I/O."""
+"""The stock decision for a one-store order and the item changes (stock/domain.py): pure
+rules, no I/O. Several stores: tests/unit/test_allocation.py."""
 
 import random
 
 import pytest
 
-from shared.events import Line, Shortage
-from stock.domain import Change, Figures, decide, hold, let_go, sell
+from shared.events import Allocation, Line, Shortage
+from stock.domain import (
+    Change,
+    Conflict,
+    Decision,
+    Figures,
+    Oversold,
+    allocate,
+    check_version,
+    count,
+    hold,
+    let_go,
+    sell,
+)
+
+STORE = "S1"
 
 
 def lines(*pairs: tuple[str, int]) -> list[Line]:
     return [Line(sku=sku, quantity=q) for sku, q in pairs]
+
+
+def decide(order: list[Line], stock: dict[str, Figures]) -> Decision:
+    """The allocation rule for a one-store order (stores = [S1], no split)."""
+    return allocate(order, [STORE], False, {(STORE, sku): f for sku, f in stock.items()})
+
+
+def held_in_store(order: list[Line]) -> list[Allocation]:
+    return [Allocation(store_id=STORE, sku=line.sku, quantity=line.quantity) for line in order]
 
 
 def test_available_is_on_hand_minus_reserved() -> None:
@@ -28,6 +52,8 @@ def test_every_line_fits_so_the_order_is_held(stock: dict[str, Figures]) -> None
     assert decision.held
     assert decision.shortages == ()
     assert decision.reason is None
+    assert decision.allocations == (Allocation(store_id=STORE, sku="A", quantity=2),
+                                    Allocation(store_id=STORE, sku="B", quantity=1))
 
 
 def test_one_short_line_refuses_the_whole_order_and_only_it_is_reported() -> None:
@@ -98,6 +124,7 @@ def test_decide_matches_the_rule_on_random_orders() -> None:
         decision = decide(order, stock)
         short = [l for l in order if l.sku not in stock or stock[l.sku].available < l.quantity]
         assert decision.held == (not short)
+        assert decision.allocations == (() if short else tuple(sorted(held_in_store(order), key=lambda a: a.sku)))
         assert [s.sku for s in decision.shortages] == [l.sku for l in short]
         assert [s.requested for s in decision.shortages] == [l.quantity for l in short]
         for s in decision.shortages:
@@ -122,9 +149,9 @@ ORDER = lines(("A", 2), ("B", 5), ("C", 1))
     (sell, -1, -1),    # sold: leave the shelf and the reservation
 ])
 def test_changes_move_each_line_by_its_quantity(change, on_hand_sign: int, reserved_sign: int) -> None:  # type: ignore[no-untyped-def]
-    changes = change(ORDER)
+    changes = change(held_in_store(ORDER))
     assert changes == [
-        Change(line.sku, on_hand_sign * line.quantity, reserved_sign * line.quantity) for line in ORDER
+        Change(STORE, line.sku, on_hand_sign * line.quantity, reserved_sign * line.quantity) for line in ORDER
     ]
 
 
@@ -132,9 +159,8 @@ def test_changes_move_each_line_by_its_quantity(change, on_hand_sign: int, reser
 def test_an_ended_hold_gives_back_exactly_what_was_held(ending) -> None:  # type: ignore[no-untyped-def]
     before = {"A": Figures(10, 0), "B": Figures(5, 0), "C": Figures(1, 0)}
     after = dict(before)
-    for c in hold(ORDER) + ending(ORDER):
-        f = after[c.sku]
-        after[c.sku] = Figures(f.on_hand + c.on_hand_delta, f.reserved + c.reserved_delta)
+    for c in hold(held_in_store(ORDER)) + ending(held_in_store(ORDER)):
+        after[c.sku] = after[c.sku].after(c)
     for sku, f in after.items():
         assert f.reserved == 0
         assert 0 <= f.reserved <= f.on_hand
@@ -145,7 +171,31 @@ def test_an_ended_hold_gives_back_exactly_what_was_held(ending) -> None:  # type
 
 def test_holding_what_decide_allowed_keeps_reserved_within_on_hand() -> None:
     stock = {"A": Figures(2, 0), "B": Figures(5, 0), "C": Figures(1, 0)}
-    assert decide(ORDER, stock).held
-    for c in hold(ORDER):
-        f = stock[c.sku]
-        assert 0 <= f.reserved + c.reserved_delta <= f.on_hand + c.on_hand_delta
+    decision = decide(ORDER, stock)
+    assert decision.held
+    for c in hold(decision.allocations):
+        f = stock[c.sku].after(c)
+        assert 0 <= f.reserved <= f.on_hand
+
+
+@pytest.mark.parametrize(("figures", "change"), [
+    (Figures(5, 4), Change(STORE, "A", 0, 2)),    # holding more than is available
+    (Figures(5, 1), Change(STORE, "A", 0, -2)),   # letting go of more than is held
+    (Figures(5, 5), Change(STORE, "A", -1, 0)),   # on hand below what is held
+])
+def test_a_change_that_would_oversell_is_refused(figures: Figures, change: Change) -> None:
+    with pytest.raises(Oversold):
+        figures.after(change)
+
+
+def test_a_count_replaces_on_hand_but_never_below_what_is_held() -> None:
+    assert count(STORE, "A", Figures(10, 4), 6) == Change(STORE, "A", -4, 0)
+    assert count(STORE, "A", Figures(10, 4), 4) == Change(STORE, "A", -6, 0)
+    with pytest.raises(Conflict):
+        count(STORE, "A", Figures(10, 4), 3)
+
+
+def test_a_stale_version_is_a_conflict() -> None:
+    check_version(3, 3)
+    with pytest.raises(Conflict, match="version 4"):
+        check_version(4, 3)

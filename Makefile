@@ -4,13 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-faults bench infra down lint clean observe
+.PHONY: run test test-faults bench infra down lint clean observe lock
 
-$(STAMP): pyproject.toml
+# Installs exactly the versions of requirements-dev.lock (hash-checked), then the project itself.
+$(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# After changing dependencies in pyproject.toml: pin them again (requirements.lock is what the
+# Dockerfile installs; requirements-dev.lock adds the test and bench extras).
+LOCK := $(BIN)/pip-compile -q --strip-extras --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q pip-tools
+	$(LOCK) -o requirements.lock pyproject.toml
+	$(LOCK) --extra test --extra bench -o requirements-dev.lock pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/inventory-devenv run
@@ -34,8 +45,10 @@ bench: infra
 down:
 	$(BIN)/inventory-devenv down
 
+# ruff (rule set in pyproject.toml) over everything; mypy over the application and tooling.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean: down
 	rm -rf .run

@@ -83,7 +83,7 @@ class Intake:
 
     async def _write(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
         orders = await _insert_announced(self.pool, [values for values, _ in batch])
-        for (values, slot), order in zip(batch, orders, strict=True):
+        for (_, slot), order in zip(batch, orders, strict=True):
             slot["order"] = order
 
     async def _create_once(self, body: dict[str, Any], idempotency_key: str) -> tuple[dict[str, Any], bool]:

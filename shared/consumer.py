@@ -83,9 +83,8 @@ class Consumer:
         if self._tag is not None:
             await self.queue.cancel(self._tag)
             self._tag = None
-        deadline = asyncio.get_running_loop().time() + 15
-        while self._in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=15)
         await asyncio.gather(*(acks.drain() for acks in list(self._acks)))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -95,7 +94,7 @@ class Consumer:
             acks = BulkAcks.of(message.channel)
         except aiormq.exceptions.ChannelInvalidStateError:
             return  # the channel closed under it: the broker delivers the message again
-        acks.received(message.delivery_tag)
+        acks.received(_tag(message))
         self._acks.add(acks)
         task = asyncio.current_task()
         if task is not None:
@@ -109,7 +108,7 @@ class Consumer:
                 self._in_flight.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage, acks: "BulkAcks") -> None:
-        tag = message.delivery_tag
+        tag = _tag(message)
         try:
             event = self.parse(message)
         except (ValidationError, ValueError, orjson.JSONDecodeError) as exc:
@@ -276,6 +275,12 @@ def _log_retry(exc: BaseException, attempt: int) -> None:
         return  # attempts 1, 2, 4, 8...: an outage of minutes logs a few lines per message
     log.warning("transient failure; retrying", extra={
         "attempt": attempt, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _tag(message: AbstractIncomingMessage) -> int:
+    # Only messages consumed with no_ack lack a tag; every consumer here acks.
+    assert message.delivery_tag is not None, "a consumed message carries its delivery tag"
+    return message.delivery_tag
 
 
 def _request_id(message: AbstractIncomingMessage) -> str | None:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import aio_pika
 import aiormq
@@ -150,7 +151,8 @@ async def publish_batch(exchange: AbstractExchange, messages: Sequence[Outgoing]
     measured). tests/integration/test_publishing.py pins that to the aiormq in use."""
     if not messages:
         return
-    channel = await exchange.channel.get_underlay_channel()
+    # The concrete Exchange knows its channel; the abstract interface does not say so.
+    channel = await cast(aio_pika.Exchange, exchange).channel.get_underlay_channel()
     assert isinstance(channel, aiormq.Channel) and channel.publisher_confirms
     payload = _frames(channel, exchange.name, messages)
     # Futures made by the channel are failed by aiormq when the channel closes; plain ones are
@@ -176,9 +178,10 @@ async def publish_batch(exchange: AbstractExchange, messages: Sequence[Outgoing]
     finally:
         closed.cancel()
         for i, message in enumerate(messages):
-            if message.mandatory and channel.message_id_delivery_tag.get(
-                message.properties.message_id) == first_tag + i:
-                del channel.message_id_delivery_tag[message.properties.message_id]
+            message_id = message.properties.message_id
+            if (message.mandatory and message_id is not None
+                    and channel.message_id_delivery_tag.get(message_id) == first_tag + i):
+                del channel.message_id_delivery_tag[message_id]
 
 
 def _frames(channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing]) -> bytes:
@@ -200,7 +203,7 @@ def _frames(channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing]
 def _expect_confirm(channel: aiormq.Channel, delivery_tag: int, message: Outgoing) -> asyncio.Future[object]:
     confirmation: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     channel.confirmations[delivery_tag] = confirmation
-    if message.mandatory:
+    if message.mandatory and message.properties.message_id is not None:
         # How aiormq finds the confirmation of a returned (unroutable) message.
         channel.message_id_delivery_tag[message.properties.message_id] = delivery_tag
     return confirmation

@@ -33,7 +33,7 @@ def _ready(checks: dict[str, ReadinessCheck]) -> Callable[[web.Request], Awaitab
                     "detail": "; ".join(f"{k} down" for k in down), "checks": down}
             return web.Response(body=orjson.dumps(body), status=503,
                                 content_type="application/problem+json")
-        return web.json_response({"status": "ready", "checks": {name: "up" for name in checks}})
+        return web.json_response({"status": "ready", "checks": dict.fromkeys(checks, "up")})
 
     return ready
 

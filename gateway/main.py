@@ -14,11 +14,15 @@ from fastapi.openapi.utils import get_openapi
 
 from gateway.forward import Upstream, new_session
 from gateway.proxy import Proxy
+from shared.asyncapi import document as asyncapi_document
 from shared.logs import configure_logging
+from shared.openapi import forwarded, with_problems
 from shared.settings import get_settings
 from shared.web import create_app, serve
 
 log = logging.getLogger(__name__)
+
+FORWARDED = ("/orders", "/stores", "/stock")
 
 
 @asynccontextmanager
@@ -59,12 +63,12 @@ def merge_openapi(app: FastAPI, docs: list[dict[str, Any]]) -> dict[str, Any]:
     merged.setdefault("components", {}).setdefault("schemas", {})
     for doc in docs:
         for path, item in doc.get("paths", {}).items():
-            if path.startswith(("/orders", "/stores", "/stock")):
+            if path.startswith(FORWARDED):
                 merged["paths"][path] = item
         merged["components"]["schemas"].update(doc.get("components", {}).get("schemas", {}))
         for name, scheme in doc.get("components", {}).get("securitySchemes", {}).items():
             merged["components"].setdefault("securitySchemes", {})[name] = scheme
-    return merged
+    return forwarded(with_problems(merged), FORWARDED)
 
 
 def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
@@ -89,6 +93,13 @@ def create() -> Proxy:
     }
     app.state.proxy = Proxy(app, app.state.upstreams["orders"], app.state.upstreams["stock"],
                             settings.upstream_timeout_seconds, settings.import_max_bytes)
+    asyncapi = asyncapi_document()
+
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def events() -> dict[str, Any]:
+        """The AsyncAPI 3 document of every event, next to /openapi.json."""
+        return asyncapi
+
     base_openapi = app.openapi
     app.openapi = lambda: app.state.merged_openapi or base_openapi()  # type: ignore[method-assign]
     return app.state.proxy

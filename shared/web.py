@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared import metrics
 from shared.edge import valid_request_id
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from shared.openapi import with_problems
 from shared.problems import Problem, problem_response, raw_problem
 from shared.runtime import tune_gc
 
@@ -159,7 +160,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # FastAPI's "error parsing the body": the contract says 422
             return problem_response(Problem(422, "the body is not valid JSON",
                                             errors=[{"loc": "body", "msg": "malformed JSON"}]))
-        return problem_response(Problem(exc.status_code, str(exc.detail), headers=exc.headers))
+        return problem_response(Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers) if exc.headers else None))
 
     @app.exception_handler(asyncpg.exceptions.PostgresConnectionError)
     @app.exception_handler(asyncpg.exceptions.InterfaceError)
@@ -191,6 +192,8 @@ def create_app(
 ) -> FastAPI:
     app = FastAPIOffline(title=title, lifespan=lifespan, default_response_class=JSONResponse)
     metrics.expose(service)
+    build_openapi = app.openapi
+    app.openapi = lambda: with_problems(build_openapi())  # type: ignore[method-assign]
     install_problem_handlers(app)
 
     @app.get("/health/live", tags=["health"])
@@ -211,7 +214,7 @@ def create_app(
             body = {"type": "/problems/not-ready", "title": "Service Unavailable", "status": 503,
                     "detail": detail, "checks": down}
             return Response(orjson.dumps(body), 503, media_type="application/problem+json")
-        return JSONResponse({"status": "ready", "checks": {name: "up" for name in checks}})
+        return JSONResponse({"status": "ready", "checks": dict.fromkeys(checks, "up")})
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     async def prometheus() -> Response:

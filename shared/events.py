@@ -129,4 +129,5 @@ class EstoqueAlterado(Event):
 StockCommand = Annotated[
     PedidoCriado | PedidoConfirmado | PedidoCancelado, Field(discriminator="event_type")
 ]
-stock_command_adapter: TypeAdapter[StockCommand] = TypeAdapter(StockCommand)
+# A union is a type form, not a class: TypeAdapter's typing (pydantic) cannot say so.
+stock_command_adapter: TypeAdapter[StockCommand] = TypeAdapter(StockCommand)  # type: ignore[arg-type]

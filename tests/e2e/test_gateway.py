@@ -80,7 +80,9 @@ async def test_forwarded_requests_are_counted_by_route_template_not_raw_path(sta
 
         text = await eventually(one_more)
         latency = _samples(text, "http_request_duration_seconds_count")
-        assert latency.get(labels - {("status", "404")}, 0) >= 1, "the request is timed too"
+        # http_request_duration_seconds is labelled [service, route] (API.md §5)
+        timed = labels - {("status", "404"), ("method", "GET")}
+        assert latency.get(timed, 0) >= 1, "the request is timed too"
         assert order_id not in text, "a raw path would make one series per order"
 
 

@@ -41,6 +41,15 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _is_local(url: str) -> bool:
     return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
@@ -187,7 +196,8 @@ class Rabbit:
 
     @property
     def prometheus_port(self) -> int:
-        return self.port + PROMETHEUS_PORT_OFFSET
+        up = self.port + PROMETHEUS_PORT_OFFSET
+        return up if up <= 65535 else self.port - PROMETHEUS_PORT_OFFSET
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env(),
@@ -202,10 +212,14 @@ class Rabbit:
         (home / "log").mkdir(parents=True, exist_ok=True)
         # RabbitMQ's own Prometheus endpoint (queue depths, connections, node health), on a port
         # derived from AMQP's (15692 for 5672) so several local brokers never collide.
-        (home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n")
-        (home / "rabbitmq.conf").write_text(
-            "loopback_users = none\n"
-            f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n")
+        # A port someone else holds would stop the node from booting: then it runs without.
+        plugin = _bindable(self.prometheus_port)
+        (home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n" if plugin else "[].\n")
+        (home / "rabbitmq.conf").write_text("loopback_users = none\n" + (
+            f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"
+            if plugin else ""))
+        if not plugin:
+            say(f"port {self.prometheus_port} is taken: RabbitMQ's Prometheus plugin stays off")
         say(f"starting RabbitMQ on 127.0.0.1:{self.port} (data in {home})")
         with open(home / "server.log", "ab") as log:
             subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self.env(), stdout=log,

@@ -11,6 +11,7 @@ import yaml
 
 from shared.metrics import FAMILIES
 from shared.settings import Settings
+from tooling.devenv import Rabbit
 from tooling.observe import config, ensure_prometheus, targets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +92,9 @@ def test_compose_observe_profile() -> None:
     assert any("enabled_plugins" in v for v in services["rabbitmq"]["volumes"])
     assert "rabbitmq_prometheus" in (DEPLOY / "rabbitmq/enabled_plugins").read_text()
     assert "healthcheck" in services["stock-worker"]
+
+
+def test_rabbitmq_prometheus_port_follows_the_amqp_port(tmp_path: Path) -> None:
+    assert Rabbit(tmp_path, 5672).prometheus_port == 15692  # RabbitMQ's own default
+    assert Rabbit(tmp_path, 5673).prometheus_port == 15693  # HA: one per node
+    assert Rabbit(tmp_path, 60000).prometheus_port == 49980  # stays a valid port

@@ -25,12 +25,19 @@ import uvloop
 from bench import ceiling, report
 from bench.closed import closed_flash_point, closed_point, idle_point
 from bench.probes import server_pids
-from bench.scenarios import Knobs, Target, flash_point, mixed_point, uniform_point
+from bench.scenarios import (
+    Knobs,
+    Target,
+    flash_point,
+    mixed_point,
+    several_stores_point,
+    uniform_point,
+)
 from shared.runtime import tune_gc
 from shared.settings import Settings
 from tooling.devenv import local_servers
 
-SCENARIOS = ("idle", "closed", "closed-flash", "uniform", "flash-sale", "mixed", "scale")
+SCENARIOS = ("idle", "closed", "closed-flash", "uniform", "flash-sale", "several-stores", "mixed", "scale")
 CLOSED = ("idle", "closed", "closed-flash")  # share one stack (bench/closed.py)
 # `scale` starts a stack per worker count (~2 min more): asked for by name, to keep `make bench`
 # within ~10 minutes.
@@ -170,6 +177,10 @@ def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list
         elif name == "flash-sale":
             record(f"flash-sale {args.flash_orders} orders for {args.flash_units} units",
                    _run(flash_point(target, args.flash_orders, args.flash_units, args.flash_rate, knobs)))
+        elif name == "several-stores":  # the flash sale's sizes, over 3 stores
+            record(f"several-stores {args.flash_orders} orders for {args.flash_units} units in 3 stores",
+                   _run(several_stores_point(target, args.flash_orders, args.flash_units, args.flash_rate,
+                                             knobs)))
         elif name == "mixed":
             record(f"mixed @ {args.mixed_rate:g} requests/s", _run(mixed_point(target, args.mixed_rate, knobs)))
 

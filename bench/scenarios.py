@@ -4,7 +4,9 @@ reads the outcome from the orders database and checks the invariants.
 
 - uniform: 3-line orders (3 distinct random skus, 1 unit each) over 10,000 skus with ample stock;
 - flash-sale: many 1-unit orders for ONE sku with few units: exactly `units` must be reserved;
-- mixed: 80% stock reads, 20% orders; of the reserved orders some are confirmed, some cancelled.
+- mixed: 80% stock reads, 20% orders; of the reserved orders some are confirmed, some cancelled;
+- several-stores: a flash sale over 3 stores, every order listing all three (the hot store first
+  for a third of them), split allowed: exactly the units of the three stores must be reserved.
 `scale` is `uniform` on stacks with different worker counts (see bench/run.py)."""
 
 import asyncio
@@ -109,9 +111,10 @@ def sample_every(share: float) -> int:
 
 
 async def place_order(run: Run, i: int, intended: float, lines: list[tuple[str, int]],
-                      follow: bool) -> dict[str, Any] | None:
-    """POST /orders; when `follow`, long-polls the decision. Returns the decided order, if seen."""
-    body = {"customer_id": f"c-{i % 1000}", "store_id": run.store,
+                      follow: bool, where: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """POST /orders (to the run's store, or `where`: stores and split); when `follow`, long-polls
+    the decision. Returns the decided order, if seen."""
+    body = {"customer_id": f"c-{i % 1000}", **(where or {"store_id": run.store}),
             "items": [{"sku": sku, "quantity": q} for sku, q in lines]}
     order = await call(run.post, "POST", f"{run.target.url}/orders", run.rec, "POST /orders", 202,
                        run.knobs.request_timeout, body)
@@ -213,6 +216,34 @@ async def flash_point(target: Target, orders: int, units: int, rate: float, knob
         statuses.get("reserved", 0) == units
         and statuses.get("rejected", 0) == point["orders_in_db"] - units)
     point["all_orders_accepted"] = point["orders_in_db"] == orders
+    inv["ok"] = (_invariants_ok(point) and inv["flash_sale_not_oversold"]
+                 and inv["flash_sale_exact"] is not False)
+    return point
+
+
+async def several_stores_point(target: Target, orders: int, units: int, rate: float,
+                               knobs: Knobs) -> dict[str, Any]:
+    """Many several-store orders sharing one hot store: they must batch like a flash sale."""
+    hot = new_store()
+    stores = [hot, f"{hot}-b", f"{hot}-c"]
+    sku = "FLASH-1"
+    stock = {hot: units - 2 * (units // 5), stores[1]: units // 5, stores[2]: units // 5}
+    seeded = {s: await seed(target, s, {sku: n}) for s, n in stock.items()}
+    every = sample_every(knobs.sample)
+
+    def make_fire(run: Run) -> Fire:
+        async def fire(i: int, intended: float) -> None:
+            order = {"stores": stores[i % 3:] + stores[:i % 3], "split": True}
+            await place_order(run, i, intended, [(sku, 1)], follow=bool(every) and i % every == 0,
+                              where=order)
+        return fire
+
+    point = await measure(target, hot, knobs, rate, orders, make_fire, {sku: stock[hot]})
+    point["seed"] = seeded
+    statuses, inv = point["statuses"], point["invariants"]
+    inv["flash_sale_not_oversold"] = statuses.get("reserved", 0) <= units
+    inv["flash_sale_exact"] = None if point["still_unsettled_after_drain"] else (
+        statuses.get("reserved", 0) == units and statuses.get("rejected", 0) == point["orders_in_db"] - units)
     inv["ok"] = (_invariants_ok(point) and inv["flash_sale_not_oversold"]
                  and inv["flash_sale_exact"] is not False)
     return point

@@ -20,15 +20,17 @@ from bench.load import summarize
 from bench.probes import process_usage
 from tooling.invariants import check_stock_invariants
 
-ORDERS_OF_STORE = "SELECT order_id, status, created_at, updated_at FROM orders WHERE store_id = $1"
+# A run's orders are those with its store among their candidate stores (a one-store order has
+# stores = [store_id]; a several-store run lists its first store in every order).
+ORDERS_OF_STORE = "SELECT order_id, status, created_at, updated_at FROM orders WHERE stores ? $1"
 UNSETTLED_COUNT = """
-SELECT count(*) FILTER (WHERE status IN ('pending', 'confirming')) FROM orders WHERE store_id = $1
+SELECT count(*) FILTER (WHERE status IN ('pending', 'confirming')) FROM orders WHERE stores ? $1
 """
-# Units per sku of the orders in the given statuses (an order's items are a JSON array).
+# Units per sku held or sold in the store by the orders in the given statuses (their allocations).
 UNITS_BY_SKU = """
-SELECT line->>'sku' AS sku, sum((line->>'quantity')::int) AS units
-FROM orders, jsonb_array_elements(items) AS line
-WHERE store_id = $1 AND status = ANY($2::text[])
+SELECT a->>'sku' AS sku, sum((a->>'quantity')::int) AS units
+FROM orders, jsonb_array_elements(allocations) AS a
+WHERE stores ? $1 AND status = ANY($2::text[]) AND a->>'store_id' = $1
 GROUP BY 1
 """
 STOCK_OF_STORE = "SELECT sku, on_hand, reserved FROM stock_item WHERE store_id = $1"

@@ -23,6 +23,7 @@ from orders.domain import (
 )
 from shared import metrics
 from shared.batching import Batcher
+from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
 from shared.outbox import add_to_outbox, wake_relays
 
@@ -48,7 +49,7 @@ async def _announce(conn: asyncpg.Connection, event: Any, order_id: uuid.UUID) -
 
 
 # Failures after which no order of the batch was written, so none is retried alone.
-WRITE_FAILED = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
+WRITE_FAILED = DATABASE_UNAVAILABLE
 
 
 class Intake:

@@ -31,30 +31,22 @@ from asgi_correlation_id import correlation_id
 from pydantic import ValidationError
 
 from shared import metrics
+from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
 from shared.messaging import DEAD_LETTER_EXCHANGE
 
 log = logging.getLogger(__name__)
 
+# The database is not there (down, restarting, failing over: shared.db.UNAVAILABLE): nothing to
+# do with the message being handled. (TimeoutError is an OSError too: a query that hangs, e.g. on
+# a lock a stuck peer holds, is waited out the same way.)
+UNAVAILABLE = DATABASE_UNAVAILABLE
+
 TRANSIENT = (
-    OSError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
+    *UNAVAILABLE,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.UniqueViolationError,  # two deliveries racing to create the same row
     asyncio.TimeoutError,
-)
-
-# The database is not there: nothing to do with the message being handled. (TimeoutError is an
-# OSError too: a query that hangs, e.g. on a lock a stuck peer holds, is waited out the same way.)
-UNAVAILABLE = (
-    OSError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
 )
 # How long one delivery keeps retrying while the database is unreachable before it is returned
 # to the queue. With the delivery limit (5) a message outlives an outage of about half an hour.

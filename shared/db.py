@@ -12,6 +12,21 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_LOCK = 7_000_001  # advisory lock key: one migrator at a time per database
 
+# The database cannot take this work right now, whatever the work: it is down, restarting, or
+# failing over (with a libpq multi-host URL, `target_session_attrs=read-write` finds no node
+# taking writes until the standby is promoted, and a session that lands on a node being
+# demoted is refused writes). Retrying later is the answer, never a verdict on the request or
+# the message. (TimeoutError is an OSError too.)
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+)
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typename in ("json", "jsonb"):
@@ -28,9 +43,14 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
-    """A pool, once the database answers (a service may start before it, e.g. under compose)."""
+    """A pool, once the database answers (a service may start before it, e.g. under compose).
+
+    With a multi-host `dsn` (`postgresql://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write`)
+    every new connection goes to the node taking writes. A failover breaks the pooled
+    connections to the old primary; the pool drops each broken one and the next acquire
+    connects anew, to the promoted standby once there is one (no restart, no pool swap)."""
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((OSError, asyncpg.PostgresError)),
+        retry=retry_if_exception_type((asyncpg.PostgresError, *UNAVAILABLE)),
         wait=wait_exponential(multiplier=0.2, max=3), stop=stop_after_delay(120), reraise=True,
         before_sleep=lambda s: log.warning("database not reachable yet; retrying"),
     ):
@@ -102,7 +122,7 @@ async def wait_for_database(dsn: str, timeout: float = 30) -> None:
             conn = await asyncpg.connect(dsn, timeout=2)
             await conn.close()
             return
-        except (OSError, asyncpg.PostgresError):
+        except (asyncpg.PostgresError, *UNAVAILABLE):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)

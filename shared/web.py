@@ -166,6 +166,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(asyncpg.exceptions.InterfaceError)
     @app.exception_handler(asyncpg.exceptions.CannotConnectNowError)
     @app.exception_handler(asyncpg.exceptions.AdminShutdownError)
+    @app.exception_handler(asyncpg.exceptions.ReadOnlySQLTransactionError)  # a node being demoted
     @app.exception_handler(asyncpg.exceptions.InternalClientError)  # a connection cut mid-query
     @app.exception_handler(ConnectionError)
     @app.exception_handler(OSError)

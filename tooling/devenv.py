@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +30,11 @@ from tooling.migrate import MIGRATIONS
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 PROMETHEUS_PORT_OFFSET = 10020  # RabbitMQ's Prometheus plugin: 15692 for AMQP on 5672
+
+
+def ha_enabled() -> bool:
+    """HA=1: `make run` and `make test` on the replicated servers of tooling/ha.py."""
+    return os.environ.get("HA", "") not in ("", "0")
 
 
 def say(message: str) -> None:
@@ -51,7 +57,9 @@ def _bindable(port: int) -> bool:
 
 
 def _is_local(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+    """Every host of `url` (libpq's multi-host form too) is this machine."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2].split(",")
+    return all(h.rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1") for h in hosts)
 
 
 def _apt_install(*packages: str) -> None:
@@ -260,7 +268,12 @@ def up(settings: Settings) -> list[Postgres | Rabbit]:
         started.append(pg)
     if rabbit is not None and rabbit.ensure_running():
         started.append(rabbit)
+    provision(settings, pg)
+    return started
 
+
+def provision(settings: Settings, pg: Postgres | None) -> None:
+    """Roles, databases (on `pg` when the URLs point at it) and migrations; the admin token."""
     async def databases() -> None:
         for url, package in ((settings.orders_database_url, "orders"), (settings.stock_database_url, "stock")):
             if pg is not None and _is_local(url):
@@ -271,7 +284,6 @@ def up(settings: Settings) -> list[Postgres | Rabbit]:
 
     asyncio.run(databases())
     settings.resolved_admin_token()
-    return started
 
 
 def wait_ready(url: str, timeout: float = 60) -> bool:
@@ -287,8 +299,9 @@ def wait_ready(url: str, timeout: float = 60) -> bool:
     return False
 
 
-def run(settings: Settings) -> int:
-    started = up(settings)
+def run(settings: Settings, start: "Callable[[Settings], Sequence[object]]" = up) -> int:
+    """`make run`: `start` provisions (and returns the servers it started, stopped at the end)."""
+    started = start(settings)
     procfile = Path(__file__).resolve().parent.parent / "Procfile"
     honcho = Path(sys.executable).parent / "honcho"
     supervisor = subprocess.Popen(
@@ -317,7 +330,7 @@ def run(settings: Settings) -> int:
         say("Ctrl-C stops everything")
     code = supervisor.wait()
     for server in reversed(started):
-        server.stop()
+        server.stop()  # type: ignore[attr-defined]
     return 0 if stop["requested"] else code  # a stop asked for is a clean exit
 
 
@@ -326,6 +339,9 @@ def main() -> None:
     parser.add_argument("command", choices=["up", "run", "down"])
     args = parser.parse_args()
     settings = get_settings()
+    if ha_enabled():  # HA=1: the replicated servers of tooling/ha.py instead
+        from tooling import ha
+        sys.exit(ha.main(args.command, settings))
     if args.command == "up":
         up(settings)
     elif args.command == "run":

@@ -22,7 +22,9 @@ import httpx
 from shared.db import migrate
 from shared.messaging import EXCHANGE, build_message
 from shared.settings import Settings
-from tooling.devenv import Postgres, Rabbit, local_servers, up, wait_ready
+from tooling import ha
+from tooling.devenv import Postgres, Rabbit, ha_enabled, local_servers, up, wait_ready
+from tooling.ha import RabbitCluster
 from tooling.migrate import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +62,8 @@ def _with_db(url: str, database: str) -> str:
 
 
 def _with_vhost(url: str, vhost: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{vhost}"))
+    """`url` (one broker or several, comma-separated) with `vhost`."""
+    return ",".join(urlunsplit(urlsplit(one)._replace(path=f"/{vhost}")) for one in url.split(","))
 
 
 @dataclass
@@ -74,12 +76,12 @@ class Stack:
     admin_token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Servers to use instead of the ones `settings` points at (the fault suite runs its own,
     # with a node name of its own); None: the local servers of `settings`.
-    pg: Postgres | None = None
-    rabbit: Rabbit | None = None
+    pg: Postgres | None = None  # with HA=1: a tooling.formation.Formation
+    rabbit: "Rabbit | RabbitCluster | None" = None
 
     def __post_init__(self) -> None:
         if self.pg is None or self.rabbit is None:
-            pg, rabbit = local_servers(self.settings)
+            pg, rabbit = _servers(self.settings)
             self.pg = self.pg or pg
             self.rabbit = self.rabbit or rabbit
         assert self.pg is not None and self.rabbit is not None, "tests need the local servers"
@@ -209,7 +211,7 @@ class Stack:
         correlation_id: str | None = None,
     ) -> None:
         """Publishes a message as a producer would (for redelivery and poison tests)."""
-        connection = await aio_pika.connect(self.amqp_url)
+        connection = await aio_pika.connect(self.amqp_url.split(",")[0])
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(EXCHANGE)
@@ -218,9 +220,20 @@ class Stack:
             await exchange.publish(message, routing_key=routing_key or event_type)
 
 
+def _servers(settings: Settings) -> "tuple[Postgres | None, Rabbit | RabbitCluster | None]":
+    if ha_enabled():
+        servers = ha.contract_servers(settings.run_dir)
+        return servers.formation, servers.cluster
+    return local_servers(settings)
+
+
 def ensure_infrastructure() -> Settings:
-    """`make test` already provisioned; this lets `pytest` alone work too."""
+    """`make test` already provisioned; this lets `pytest` alone work too. With HA=1 the
+    replicated servers, whose URLs the stacks started next inherit."""
     settings = Settings()
+    if ha_enabled():
+        ha.up(settings)
+        return Settings()
     up(settings)
     return settings
 

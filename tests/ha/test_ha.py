@@ -7,6 +7,7 @@ The suite runs its own cluster and formation (conftest.py). Each case records ho
 went undecided and how many POSTs were refused, in the report table."""
 
 import asyncio
+import importlib.util
 import os
 import signal
 import time
@@ -25,6 +26,15 @@ from tooling.stack import Stack
 pytestmark = pytest.mark.ha
 
 FREEZE_SECONDS = 30
+
+# Losing a broker needs clients that take the list of brokers in AMQP_URL and move to a live one
+# (helper relay's shared/broker.py). Without it every client keeps knocking on the dead node and
+# no order is decided: measured here, a case then fails after minutes of timeouts, so it is not
+# run until that connect is on main (xfail, not skip: the report shows why).
+MULTI_BROKER = importlib.util.find_spec("shared.broker") is not None
+needs_multi_broker = pytest.mark.xfail(
+    not MULTI_BROKER, run=False,
+    reason="clients need the broker list of AMQP_URL (relay's shared/broker.py, not on main yet)")
 
 
 async def _run_case(stack: Stack, fault: str, seed: int, inject: Callable[[], Awaitable[str]]) -> None:
@@ -46,6 +56,7 @@ async def _run_case(stack: Stack, fault: str, seed: int, inject: Callable[[], Aw
 
 
 # ----- RabbitMQ ----------------------------------------------------------------------------------
+@needs_multi_broker
 async def test_kill_the_rabbitmq_node_leading_stock_orders(ha_stack: tuple[Stack, Servers]) -> None:
     stack, servers = ha_stack
     cluster = servers.cluster
@@ -67,6 +78,7 @@ async def test_kill_the_rabbitmq_node_leading_stock_orders(ha_stack: tuple[Stack
     await _run_case(stack, "kill -9 of the RabbitMQ node leading stock.orders", 11, inject)
 
 
+@needs_multi_broker
 async def test_freeze_a_rabbitmq_node_for_30_s(ha_stack: tuple[Stack, Servers]) -> None:
     """The first node of every client's AMQP_URL (where they all connect first), frozen."""
     stack, servers = ha_stack

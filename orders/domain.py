@@ -93,7 +93,7 @@ def check_confirm(status: Status, reserved_until: datetime | None, now: datetime
     if status == Status.EXPIRED or (
         status == Status.RESERVED and (reserved_until is None or reserved_until <= now)
     ):
-        raise Refused(410, "the reservation has expired; reserve the order again")
+        raise Refused(410, "the hold has expired; reserve the order again")
     if status != Status.RESERVED:
         raise Refused(409, f"an order in status {status} cannot be confirmed")
 

@@ -191,7 +191,7 @@ def _decide_one(
     decision = allocate(cmd.items, cmd.stores, cmd.split, stock)
     if not decision.held:
         writes.orders.append(DecidedRow(cmd.order_id, cmd.attempt, "rejected", None))
-        _answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, None), request_id)
+        _add_answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, None), request_id)
         metrics.hold("rejected")
         return
     for change in hold(decision.allocations):
@@ -202,11 +202,11 @@ def _decide_one(
             change.store_id, change.sku, item.version, change.on_hand_delta, change.reserved_delta,
             item.figures.on_hand, item.figures.reserved, cmd.order_id, item.at, request_id))
     writes.orders.append(DecidedRow(cmd.order_id, cmd.attempt, "held", expires_at))
-    _answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, expires_at), request_id)
+    _add_answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, expires_at), request_id)
     metrics.hold("held")
 
 
-def _answer(writes: Writes, event: AtualizarStatus, request_id: str | None) -> None:
+def _add_answer(writes: Writes, event: AtualizarStatus, request_id: str | None) -> None:
     writes.answers.append(AnswerRow(event.event_id, str(event.order_id), request_id,
                                     event.model_dump(mode="json")))
 

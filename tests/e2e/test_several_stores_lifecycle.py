@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from tests.e2e.test_stock_ledger import feed_of, stock_event
 from tests.helpers import (
     eventually,
     put_stock,
@@ -88,6 +89,13 @@ async def test_confirm_sells_in_every_store_and_keeps_the_allocations(short_stac
         assert await item(client, split.s2, split.sku) == (1, 0)
         assert await kinds(client, split.s1, split.sku, order["order_id"]) == [("reserved", 0, 2), ("sold", -2, -2)]
         assert await kinds(client, split.s2, split.sku, order["order_id"]) == [("reserved", 0, 1), ("sold", -1, -1)]
+        # Each store's live feed, replayed from its start, shows its own changes and only those.
+        for store, expected in ((split.s1, [("created", 2, 0), ("reserved", 2, 2), ("sold", 0, 0)]),
+                                (split.s2, [("created", 2, 0), ("reserved", 2, 1), ("sold", 1, 0)])):
+            async with feed_of(client, store, last_event_id="0") as feed:
+                events = [stock_event(await feed.next(), store) for _ in expected]
+            assert [(e["kind"], e["on_hand"], e["reserved"]) for e in events] == expected, store
+            assert {e["sku"] for e in events} == {split.sku}
     await invariants(short_stack)
 
 

@@ -129,5 +129,6 @@ class EstoqueAlterado(Event):
 StockCommand = Annotated[
     PedidoCriado | PedidoConfirmado | PedidoCancelado, Field(discriminator="event_type")
 ]
-# A union is a type form, not a class: TypeAdapter's typing (pydantic) cannot say so.
-stock_command_adapter: TypeAdapter[StockCommand] = TypeAdapter(StockCommand)  # type: ignore[arg-type]
+# A union is a type form, not a class: some pydantic versions type TypeAdapter too narrowly
+# (unused-ignore: the locked version does not).
+stock_command_adapter: TypeAdapter[StockCommand] = TypeAdapter(StockCommand)  # type: ignore[arg-type, unused-ignore]

@@ -131,4 +131,6 @@ StockCommand = Annotated[
 ]
 # A union is a type form, not a class: some pydantic versions type TypeAdapter too narrowly
 # (unused-ignore: the locked version does not).
-stock_command_adapter: TypeAdapter[StockCommand] = TypeAdapter(StockCommand)  # type: ignore[arg-type, unused-ignore]
+stock_command_adapter: TypeAdapter[StockCommand] = TypeAdapter(
+    StockCommand  # type: ignore[arg-type, unused-ignore]
+)

@@ -1,15 +1,19 @@
 """Several-store split orders racing on little stock, decided by 3 worker processes: orders
 list the same 3 stores in different orders (their lock needs cross), most may split. No store
 is oversold at any point of its ledger, the held units are exactly the reserved orders'
-allocations, every order is all-or-none, and PostgreSQL sees no deadlock."""
+allocations, every order is all-or-none, and PostgreSQL sees no deadlock. And a split order
+asked about again (the reconciler) gets the same allocations again."""
 
 import asyncio
 import random
+import uuid
 from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 
+from shared.events import Line, PedidoCriado
 from tests.helpers import (
     put_stock,
     random_sku,
@@ -114,3 +118,43 @@ async def test_split_orders_over_three_stores_never_oversell_or_deadlock(stack: 
                 assert left <= short["available"] < short["requested"], (order, left, context)
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("answer_kept", [True, False])
+async def test_a_split_order_asked_again_gets_its_allocations_again(stack: Stack, answer_kept: bool) -> None:
+    """The reconciler's re-ask (a new PedidoCriado for an attempt stock already decided) answers
+    the same decision, allocations included, whether stock kept its last answer or rebuilds it
+    from the hold (an order answered before answers were kept)."""
+    s1, s2, sku = random_store(), random_store(), random_sku()
+    async with stack.client() as client:
+        await put_stock(client, stack.admin, s1, sku, 2)
+        await put_stock(client, stack.admin, s2, sku, 2)
+        body = {"customer_id": "c-again", "stores": [s1, s2], "split": True,
+                "items": [{"sku": sku, "quantity": 3}]}
+        created = await client.post("/orders", json=body)
+        assert created.status_code == 202, created.text
+        order = await wait_for_status(client, created.json()["order_id"], {"reserved"})
+        allocations = order["allocations"]
+        assert len(allocations) == 2, order
+
+        # As if the answer had been lost: the order is pending again, and asked about again.
+        order_id = uuid.UUID(order["order_id"])
+        orders_db, stock_db = await stack.orders_db(), await stack.stock_db()
+        try:
+            await orders_db.execute(
+                "UPDATE orders SET status = 'pending', allocations = '[]', reserved_until = NULL "
+                "WHERE order_id = $1", order_id)
+            if not answer_kept:
+                await stock_db.execute("DELETE FROM stock_answer WHERE order_id = $1", order_id)
+            again = PedidoCriado(order_id=order_id, attempt=1, customer_id="c-again", stores=[s1, s2],
+                                 split=True, items=[Line(sku=sku, quantity=3)])
+            await stack.publish_raw(again.model_dump_json().encode(), "PedidoCriado", str(again.event_id),
+                                    correlation_id=str(order_id))
+            answered = await wait_for_status(client, order["order_id"], {"reserved"})
+            assert answered["allocations"] == allocations, answered
+            # Nothing was held twice.
+            assert await stock_db.fetchval("SELECT sum(quantity) FROM hold WHERE order_id = $1", order_id) == 3
+            await check_stock_invariants(stock_db)
+        finally:
+            await orders_db.close()
+            await stock_db.close()

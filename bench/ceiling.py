@@ -1,7 +1,7 @@
 """The ceiling: how many reservation transactions per second the same PostgreSQL server does with
 nothing in front of it (pgbench, 16 clients), to put the system's settled orders/s in proportion.
 
-One pgbench transaction is one order's hold, in the app's own tables (stock_item, reservation
+One pgbench transaction is one order's hold, in the app's own tables (stock_item, hold
 with its foreign key, outbox): lock the order's stock rows in key order,
 add 1 to reserved and version, insert the hold lines and one outbox row, commit.
 - uniform: 3 distinct skus out of 10,000 per transaction;
@@ -29,11 +29,12 @@ CREATE TABLE stock_item (
     reserved integer NOT NULL DEFAULT 0, version bigint NOT NULL, updated_at timestamptz NOT NULL,
     PRIMARY KEY (store_id, sku),
     CHECK (reserved >= 0 AND reserved <= on_hand));
-CREATE TABLE reservation (
+CREATE TABLE hold (
     order_id uuid NOT NULL, store_id text NOT NULL, sku text NOT NULL,
     quantity integer NOT NULL CHECK (quantity > 0),
-    PRIMARY KEY (order_id, sku), FOREIGN KEY (store_id, sku) REFERENCES stock_item (store_id, sku));
-CREATE INDEX reservation_item ON reservation (store_id, sku);
+    PRIMARY KEY (order_id, store_id, sku),
+    FOREIGN KEY (store_id, sku) REFERENCES stock_item (store_id, sku));
+CREATE INDEX hold_item ON hold (store_id, sku);
 CREATE TABLE outbox (
     id bigserial PRIMARY KEY, event_id uuid NOT NULL, event_type text NOT NULL,
     correlation_id text, request_id text, body jsonb NOT NULL,
@@ -63,7 +64,7 @@ UNIFORM_SCRIPT = f"""\\set a random(1, {N_SKUS})
 BEGIN;
 SELECT sku FROM stock_item WHERE store_id = 'S1' AND sku IN ({_sku('a')}, {_sku('b')}, {_sku('c')}) ORDER BY store_id, sku FOR UPDATE;
 UPDATE stock_item SET reserved = reserved + 1, version = version + 1, updated_at = clock_timestamp() WHERE store_id = 'S1' AND sku IN ({_sku('a')}, {_sku('b')}, {_sku('c')});
-INSERT INTO reservation (order_id, store_id, sku, quantity) SELECT o, 'S1', s, 1 FROM gen_random_uuid() AS o, unnest(ARRAY[{_sku('a')}, {_sku('b')}, {_sku('c')}]) AS s;
+INSERT INTO hold (order_id, store_id, sku, quantity) SELECT o, 'S1', s, 1 FROM gen_random_uuid() AS o, unnest(ARRAY[{_sku('a')}, {_sku('b')}, {_sku('c')}]) AS s;
 {OUTBOX_ROW}
 COMMIT;
 """
@@ -71,7 +72,7 @@ COMMIT;
 HOT_SCRIPT = f"""BEGIN;
 SELECT sku FROM stock_item WHERE store_id = 'S1' AND sku = 'SKU-00001' FOR UPDATE;
 UPDATE stock_item SET reserved = reserved + 1, version = version + 1, updated_at = clock_timestamp() WHERE store_id = 'S1' AND sku = 'SKU-00001';
-INSERT INTO reservation (order_id, store_id, sku, quantity) VALUES (gen_random_uuid(), 'S1', 'SKU-00001', 1);
+INSERT INTO hold (order_id, store_id, sku, quantity) VALUES (gen_random_uuid(), 'S1', 'SKU-00001', 1);
 {OUTBOX_ROW}
 COMMIT;
 """

@@ -159,7 +159,7 @@ def test_the_uniform_ceiling_script_locks_three_rows_in_key_order() -> None:
     script = ceiling.UNIFORM_SCRIPT
     assert "ORDER BY store_id, sku FOR UPDATE" in script
     assert script.count("BEGIN;") == 1 and script.count("COMMIT;") == 1
-    assert "INSERT INTO outbox" in script and "INSERT INTO reservation" in script
+    assert "INSERT INTO outbox" in script and "INSERT INTO hold" in script
 
 
 def _point(rate: float, settled: float, workers: int = 3) -> dict:

@@ -37,7 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     app.state.pool = pool = await create_pool(settings.orders_database_url, settings.db_pool_size)
     app.state.intake = intake = Intake(pool, settings.batch_size)
-    app.state.amqp = amqp = await connect(settings.amqp_url)
+    app.state.amqp = amqp = await connect(settings.orders_amqp_url)
     channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
     await channel.set_qos(prefetch_count=settings.prefetch_count)
     exchange = await declare_topology(channel, settings.delivery_limit)

@@ -1,10 +1,15 @@
 """Settings of every process, read from the environment (names and defaults are the contract)."""
 
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Self
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+AMQP_ADMIN = "inventory-admin"  # the local broker's administrator (tools, tests), not a service
 
 
 class Settings(BaseSettings):
@@ -24,9 +29,18 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = 5
     admin_token: str | None = None
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    orders_database_url: str = "postgresql://orders:orders@127.0.0.1:5432/orders"
-    stock_database_url: str = "postgresql://stock:stock@127.0.0.1:5432/stock"
+    # Unset: the local servers of `make run`, each service its own user and a password generated
+    # into RUN_DIR/secrets (see `local_urls`). AMQP_URL, when set, is every service's broker
+    # URL; ORDERS_AMQP_URL / STOCK_AMQP_URL override it for one service.
+    amqp_url: str = ""
+    orders_database_url: str = ""
+    stock_database_url: str = ""
+    orders_amqp_url: str = ""
+    stock_amqp_url: str = ""
+    # The ports of the local servers `make run` starts when no URL is given (not the contract's
+    # business: only for running that setup beside another one).
+    local_pg_port: int = 5432
+    local_amqp_port: int = 5672
 
     # Comma-separated upstream lists for the gateway; empty means the local ports above.
     orders_urls: str = ""
@@ -74,16 +88,56 @@ class Settings(BaseSettings):
             index = int(number) - 1 if number.isdigit() else 0
         return self.stock_worker_port + index
 
+    @model_validator(mode="after")
+    def local_urls(self) -> Self:
+        """The contract's defaults: the local servers, with generated per-service passwords."""
+        if not self.orders_database_url:
+            self.orders_database_url = self._local_pg("orders")
+        if not self.stock_database_url:
+            self.stock_database_url = self._local_pg("stock")
+        if not self.amqp_url:
+            self.amqp_url = self._local_amqp(AMQP_ADMIN)
+            self.orders_amqp_url = self.orders_amqp_url or self._local_amqp("orders")
+            self.stock_amqp_url = self.stock_amqp_url or self._local_amqp("stock")
+        self.orders_amqp_url = self.orders_amqp_url or self.amqp_url
+        self.stock_amqp_url = self.stock_amqp_url or self.amqp_url
+        return self
+
+    def _local_pg(self, service: str) -> str:
+        password = secret(self.run_dir, f"{service}-db-password")
+        return f"postgresql://{service}:{password}@127.0.0.1:{self.local_pg_port}/{service}"
+
+    def _local_amqp(self, user: str) -> str:
+        return f"amqp://{user}:{secret(self.run_dir, f'{user}-amqp-password')}@127.0.0.1:{self.local_amqp_port}/"
+
     def resolved_admin_token(self) -> str:
         """ADMIN_TOKEN if set, else the token kept in `.run/admin-token` (made on first use)."""
         if self.admin_token:
             return self.admin_token
-        path = self.run_dir / "admin-token"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(32) + "\n")
-            path.chmod(0o600)
-        return path.read_text().strip()
+        return secret(self.run_dir, "admin-token", self.run_dir / "admin-token")
+
+
+def secret(run_dir: Path, name: str, path: Path | None = None) -> str:
+    """The secret `name` kept in RUN_DIR/secrets (or at `path`), generated on first use: readable
+    by its owner only, and written atomically (a private temporary file linked into place), so
+    processes starting at once all read the one that won, never a half-written one."""
+    path = path or run_dir / "secrets" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (secrets.token_urlsafe(24) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, path)  # fails if another process got there first: theirs wins
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    return path.read_text().strip()
 
 
 def _split(value: str) -> list[str]:

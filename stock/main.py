@@ -26,7 +26,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     app.state.admin_token = settings.resolved_admin_token()
     app.state.pool = pool = await create_pool(settings.stock_database_url, settings.db_pool_size)
-    app.state.amqp = amqp = await connect(settings.amqp_url)
+    app.state.amqp = amqp = await connect(settings.stock_amqp_url)
     channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
     exchange = await declare_topology(channel, settings.delivery_limit)
     # Admin changes write EstoqueAlterado to the outbox; the API relays too, so they leave even

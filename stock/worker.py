@@ -105,7 +105,7 @@ async def serve_probe(settings: Settings, pool: asyncpg.Pool, amqp: AbstractRobu
 async def main() -> None:
     settings = get_settings()
     pool = await create_pool(settings.stock_database_url, settings.db_pool_size)
-    amqp = await connect(settings.amqp_url)
+    amqp = await connect(settings.stock_amqp_url)
     channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
     await channel.set_qos(prefetch_count=settings.prefetch_count)
     exchange = await declare_topology(channel, settings.delivery_limit)

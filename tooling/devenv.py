@@ -18,14 +18,20 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import asyncpg
-
 from shared.db import migrate
 from shared.settings import Settings, get_settings
+from tooling.access import (
+    Users,
+    grant_vhost,
+    migrator_dsn,
+    provision_broker,
+    provision_database,
+    url_users,
+)
 from tooling.migrate import MIGRATIONS
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -140,26 +146,13 @@ class Postgres:
                                          str(self.data)), check=False, stdout=subprocess.DEVNULL)
 
     async def ensure_database(self, dsn: str, *, fresh: bool = False) -> None:
-        """Creates the role and database named in `dsn`; the role can reach only that database."""
-        parts = urlsplit(dsn)
-        role, password, database = parts.username, parts.password, parts.path.lstrip("/")
-        conn = await asyncpg.connect(self.admin_dsn())
-        try:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                await conn.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD {_literal(password or "")}')
-            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
-            if exists and fresh:
-                await conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
-                exists = False
-            if not exists:
-                await conn.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
-                await conn.execute(f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC')
-        finally:
-            await conn.close()
+        """The roles and database of `dsn`: owned by a migrator, reached by the runtime role of
+        `dsn` only, without DDL (tooling/access.py)."""
+        await provision_database(self.admin_dsn(), dsn, self.run_dir, fresh=fresh)
 
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    def migrator_dsn(self, dsn: str) -> str:
+        """`dsn` as the migrator of its database: for migrations and tests that tamper."""
+        return migrator_dsn(dsn, self.run_dir)
 
 
 def _ensure_traversable(path: Path, user: str) -> None:
@@ -176,6 +169,8 @@ class Rabbit:
     run_dir: Path
     port: int
     node: str = ""  # default: one node name per port, so several local brokers can coexist
+    # The users services, tools and tests connect as, granted on every vhost (tooling/access.py)
+    users: Users = field(default_factory=lambda: {"guest": ("guest", None)})
 
     def __post_init__(self) -> None:
         self.node = self.node or f"inventory-{self.port}@localhost"
@@ -243,9 +238,10 @@ class Rabbit:
         say("stopping RabbitMQ")
         self.ctl("stop", check=False)
 
-    def ensure_vhost(self, vhost: str, user: str = "guest") -> None:
+    def ensure_vhost(self, vhost: str, user: str | None = None) -> None:
+        """The vhost, with `user` (full rights) or else every user of `users` granted on it."""
         self.ctl("add_vhost", vhost, check=False)
-        self.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        grant_vhost(self, vhost, {user: ("", None)} if user else self.users)
 
     def delete_vhost(self, vhost: str) -> None:
         self.ctl("delete_vhost", vhost, check=False)
@@ -254,7 +250,8 @@ class Rabbit:
 def local_servers(settings: Settings) -> tuple[Postgres | None, Rabbit | None]:
     pg_url = settings.orders_database_url
     pg = Postgres(settings.run_dir, urlsplit(pg_url).port or 5432) if _is_local(pg_url) else None
-    rabbit = (Rabbit(settings.run_dir, urlsplit(settings.amqp_url).port or 5672)
+    rabbit = (Rabbit(settings.run_dir, urlsplit(settings.amqp_url).port or 5672,
+                     users=url_users(settings))
               if _is_local(settings.amqp_url) else None)
     return pg, rabbit
 
@@ -268,6 +265,8 @@ def up(settings: Settings) -> list[Postgres | Rabbit]:
         started.append(pg)
     if rabbit is not None and rabbit.ensure_running():
         started.append(rabbit)
+    if rabbit is not None:
+        provision_broker(rabbit, settings)
     provision(settings, pg)
     return started
 
@@ -278,6 +277,7 @@ def provision(settings: Settings, pg: Postgres | None) -> None:
         for url, package in ((settings.orders_database_url, "orders"), (settings.stock_database_url, "stock")):
             if pg is not None and _is_local(url):
                 await pg.ensure_database(url)
+                url = pg.migrator_dsn(url)
             applied = await migrate(url, MIGRATIONS[package])
             if applied:
                 say(f"{package}: applied {', '.join(applied)}")

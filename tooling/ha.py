@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from shared.settings import Settings
 from tooling import devenv
+from tooling.access import Users, grant_vhost, provision_broker, url_users
 from tooling.devenv import RABBIT_BIN, Rabbit, _apt_install, _port_open, say
 from tooling.formation import Formation, pid_alive
 
@@ -96,6 +97,7 @@ class RabbitCluster:
                  prefix: str = "inventory-ha") -> None:
         self.run_dir = run_dir
         self.home = (run_dir / "ha" / "rabbitmq").resolve()
+        self.users: Users = {"guest": ("guest", None)}  # granted on every vhost; see up()
         self.nodes = [ClusterNode(run_dir, port, f"{prefix}{i + 1}@localhost", dist_port=dist,
                                   cluster_home=self.home)
                       for i, (port, dist) in enumerate(zip(ports, dist_ports, strict=True))]
@@ -119,9 +121,10 @@ class RabbitCluster:
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.live().ctl(*args, check=check)
 
-    def ensure_vhost(self, vhost: str, user: str = "guest") -> None:
+    def ensure_vhost(self, vhost: str, user: str | None = None) -> None:
+        """The vhost, with `user` (full rights) or else every user of `users` (tooling/access.py)."""
         self.ctl("add_vhost", vhost, check=False)
-        self.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        grant_vhost(self, vhost, {user: ("", None)} if user else self.users)
 
     def delete_vhost(self, vhost: str) -> None:
         self.ctl("delete_vhost", vhost, check=False)
@@ -205,12 +208,16 @@ def settings_for(base: Settings, servers: Servers) -> Settings:
         parts = urlsplit(url)
         return servers.formation.dsn(parts.username or "", parts.password or "", parts.path.lstrip("/"))
 
-    amqp = urlsplit(base.amqp_url.split(",")[0])
+    def broker(url: str) -> str:
+        amqp = urlsplit(url.split(",")[0])
+        return servers.cluster.urls(amqp.username or "guest", amqp.password or "guest", amqp.path.lstrip("/"))
+
     return base.model_copy(update={
         "orders_database_url": db(base.orders_database_url),
         "stock_database_url": db(base.stock_database_url),
-        "amqp_url": servers.cluster.urls(amqp.username or "guest", amqp.password or "guest",
-                                        amqp.path.lstrip("/")),
+        "amqp_url": broker(base.amqp_url),
+        "orders_amqp_url": broker(base.orders_amqp_url),  # each service its own user (access.py)
+        "stock_amqp_url": broker(base.stock_amqp_url),
     })
 
 
@@ -219,6 +226,8 @@ def export(settings: Settings) -> None:
     os.environ["ORDERS_DATABASE_URL"] = settings.orders_database_url
     os.environ["STOCK_DATABASE_URL"] = settings.stock_database_url
     os.environ["AMQP_URL"] = settings.amqp_url
+    os.environ["ORDERS_AMQP_URL"] = settings.orders_amqp_url
+    os.environ["STOCK_AMQP_URL"] = settings.stock_amqp_url
 
 
 def free_low_port(taken: set[int] | None = None) -> int:
@@ -258,6 +267,8 @@ def up(settings: Settings) -> list[Formation | RabbitCluster]:
     servers = contract_servers(settings.run_dir)
     started = start(servers)
     ha_settings = settings_for(settings, servers)
+    servers.cluster.users = url_users(ha_settings)
+    provision_broker(servers.cluster, ha_settings)
     devenv.provision(ha_settings, servers.formation)
     export(ha_settings)
     say(f"HA servers ready in {time.monotonic() - began:.0f} s: RabbitMQ {', '.join(str(p) for p in AMQP_PORTS)}; "

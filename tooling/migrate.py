@@ -17,6 +17,11 @@ def main() -> None:
     args = parser.parse_args()
     settings = get_settings()
     dsns = {"orders": settings.orders_database_url, "stock": settings.stock_database_url}
+    from tooling.devenv import _is_local, local_servers  # devenv imports this module
+
+    pg, _ = local_servers(settings)
+    if pg is not None:  # the local server: migrations run as each database's migrator
+        dsns = {name: pg.migrator_dsn(dsn) if _is_local(dsn) else dsn for name, dsn in dsns.items()}
     for service in args.services:
         applied = asyncio.run(migrate(dsns[service], MIGRATIONS[service]))
         print(f"{service}: {len(applied)} migration(s) applied")

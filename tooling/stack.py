@@ -23,6 +23,7 @@ from shared.db import migrate
 from shared.messaging import EXCHANGE, build_message
 from shared.settings import Settings
 from tooling import ha
+from tooling.access import url_users
 from tooling.devenv import Postgres, Rabbit, ha_enabled, local_servers, up, wait_ready
 from tooling.ha import RabbitCluster
 from tooling.migrate import MIGRATIONS
@@ -102,6 +103,8 @@ class Stack:
             "ORDERS_PORT": str(self.ports["orders"]),
             "STOCK_PORT": str(self.ports["stock"]),
             "AMQP_URL": self.amqp_url,
+            "ORDERS_AMQP_URL": _with_vhost(self.settings.orders_amqp_url, f"test-{self.name}"),
+            "STOCK_AMQP_URL": _with_vhost(self.settings.stock_amqp_url, f"test-{self.name}"),
             "ORDERS_DATABASE_URL": self.orders_dsn,
             "STOCK_DATABASE_URL": self.stock_dsn,
             "ADMIN_TOKEN": self.admin_token,
@@ -119,8 +122,8 @@ class Stack:
         async def databases() -> None:
             await pg.ensure_database(self.orders_dsn, fresh=True)
             await pg.ensure_database(self.stock_dsn, fresh=True)
-            await migrate(self.orders_dsn, MIGRATIONS["orders"])
-            await migrate(self.stock_dsn, MIGRATIONS["stock"])
+            await migrate(pg.migrator_dsn(self.orders_dsn), MIGRATIONS["orders"])
+            await migrate(pg.migrator_dsn(self.stock_dsn), MIGRATIONS["stock"])
 
         asyncio.run(databases())
 
@@ -223,6 +226,7 @@ class Stack:
 def _servers(settings: Settings) -> "tuple[Postgres | None, Rabbit | RabbitCluster | None]":
     if ha_enabled():
         servers = ha.contract_servers(settings.run_dir)
+        servers.cluster.users = url_users(settings)  # the users ha.up provisioned
         return servers.formation, servers.cluster
     return local_servers(settings)
 

@@ -27,7 +27,7 @@ async def orders_db(infrastructure: None) -> AsyncIterator[asyncpg.Pool]:
     parts = urlsplit(settings.orders_database_url)
     dsn = urlunsplit(parts._replace(path=f"/gauges_{uuid.uuid4().hex[:8]}"))
     await pg.ensure_database(dsn, fresh=True)
-    await migrate(dsn, MIGRATIONS["orders"])
+    await migrate(pg.migrator_dsn(dsn), MIGRATIONS["orders"])
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     yield pool
     await pool.close()

@@ -338,7 +338,7 @@ async def orders_database(infrastructure: None) -> AsyncIterator[str]:
     parts = urlsplit(settings.orders_database_url)
     dsn = urlunsplit(parts._replace(path=f"/orders_rc{uuid.uuid4().hex[:8]}"))
     await pg.ensure_database(dsn, fresh=True)
-    await migrate(dsn, MIGRATIONS["orders"])
+    await migrate(pg.migrator_dsn(dsn), MIGRATIONS["orders"])
     yield dsn
     conn = await asyncpg.connect(pg.admin_dsn())
     try:

@@ -32,7 +32,7 @@ async def database(service: str) -> AsyncIterator[str]:
     url = settings.orders_database_url if service == "orders" else settings.stock_database_url
     dsn = urlunsplit(urlsplit(url)._replace(path=f"/{service}_rt{uuid.uuid4().hex[:8]}"))
     await pg.ensure_database(dsn, fresh=True)
-    await migrate(dsn, MIGRATIONS[service])
+    await migrate(pg.migrator_dsn(dsn), MIGRATIONS[service])
     try:
         yield dsn
     finally:

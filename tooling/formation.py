@@ -99,7 +99,8 @@ class Formation(Postgres):
         return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def dsn(self, user: str, password: str, database: str) -> str:
-        """The URL services get: libpq tries both nodes and keeps the one that takes writes."""
+        """The URL services get: libpq tries both nodes and keeps the one that takes writes.
+        The parts as they stand in a URL (percent-encoded where needed)."""
         return f"postgresql://{user}:{password}@{self.hosts()}/{database}?target_session_attrs=read-write"
 
     def admin_dsn(self, database: str = "postgres") -> str:

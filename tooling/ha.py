@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from shared.settings import Settings
 from tooling import devenv
@@ -107,9 +107,8 @@ class RabbitCluster:
         return self.nodes[0].port
 
     def urls(self, user: str, password: str, vhost: str = "") -> str:
-        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
-        path = quote(vhost, safe="")
-        return ",".join(f"amqp://{credentials}@127.0.0.1:{n.port}/{path}?heartbeat={AMQP_HEARTBEAT_SECONDS}"
+        """Every node's AMQP URL, comma-separated; the parts as they stand in a URL (encoded)."""
+        return ",".join(f"amqp://{user}:{password}@127.0.0.1:{n.port}/{vhost}?heartbeat={AMQP_HEARTBEAT_SECONDS}"
                         for n in self.nodes)
 
     def live(self) -> ClusterNode:

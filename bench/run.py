@@ -1,5 +1,6 @@
-"""`python -m bench.run`: starts a fresh system per scenario (tooling.stack.Stack), offers load
-open-loop, measures the pgbench ceiling on the same PostgreSQL and writes bench/results/.
+"""`python -m bench.run`: starts a fresh system (tooling.stack.Stack), measures the idle stack,
+closed-loop clients and open-loop load on it, then the pgbench ceiling on the same PostgreSQL,
+and writes bench/results/.
 
     python -m bench.run [--scenarios idle,closed,closed-flash,uniform,...] [--clients 1,8,64]
                         [--rates 100,200,400] [--profile]
@@ -15,7 +16,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--closed-flash-clients", type=int, help="closed-flash: client loops (default 128)")
     p.add_argument("--closed-flash-orders", type=int, help="closed-flash: orders in all (default 5,000)")
     p.add_argument("--closed-flash-units", type=int, help="closed-flash: units of the sku (default 500)")
+    p.add_argument("--stack-per-scenario", action="store_true",
+                   help="a fresh stack for each scenario (default: one for all but scale)")
     p.add_argument("--profile", action="store_true",
                    help="closed: py-spy --native on every Python service (slows them: shares only)")
     p.add_argument("--idle-seconds", type=float, help="idle: seconds measured (default 10)")
@@ -156,8 +159,10 @@ def describe(label: str, point: dict[str, Any]) -> None:
         f"undecided {point.get('undecided')}, invariants {'ok' if point['invariants'].get('ok') else 'FAILED'}")
 
 
-def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list[dict[str, Any]]) -> None:
-    """Appends each measured point to `points` as soon as it is done (kept if a later one fails)."""
+def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list[dict[str, Any]],
+                 shared: Target | None = None) -> None:
+    """Appends each measured point to `points` as soon as it is done (kept if a later one fails).
+    Runs on `shared` if given, else on a stack of its own."""
     def record(label: str, point: dict[str, Any]) -> None:
         points.append(point)
         describe(label, point)
@@ -170,7 +175,7 @@ def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list
                 record(f"scale {workers} worker(s) @ {args.scale_rate:g}/s",
                        _run(uniform_point(target, args.scale_rate, knobs)))
         return
-    with system(args, args.workers) as target:
+    with nullcontext(shared) if shared else system(args, args.workers) as target:
         if name == "uniform":
             for rate in args.rates:
                 record(f"uniform @ {rate:g}/s", _run(uniform_point(target, rate, knobs)))
@@ -186,10 +191,10 @@ def run_scenario(name: str, args: argparse.Namespace, knobs: Knobs, points: list
 
 
 def run_closed(args: argparse.Namespace, knobs: Knobs, wanted: list[str],
-               bodies: dict[str, dict[str, Any]]) -> None:
+               bodies: dict[str, dict[str, Any]], shared: Target | None = None) -> None:
     """idle, closed and closed-flash on one stack (in that order: idle before any load)."""
     closed = replace(knobs, duration=args.closed_duration, skus=args.closed_skus)
-    with system(args, args.workers) as target:
+    with nullcontext(shared) if shared else system(args, args.workers) as target:
         for name in wanted:
             points = bodies[name]["points"]
             if name == "idle":
@@ -237,31 +242,38 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": report.machine_info(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("admin_token",)}
-        | {"target": args.url or "fresh stack per scenario"},
+        | {"target": args.url or ("a fresh stack per scenario" if args.stack_per_scenario
+                                 else "one fresh stack for every scenario (scale: one per worker count)")},
         "scenarios": {},
     }
     failed = False
     closed = [name for name in args.scenarios if name in CLOSED]
     units = ([closed] if closed else []) + [[name] for name in args.scenarios if name not in CLOSED]
-    for names in units:
-        say(f"scenario {', '.join(names)}")
-        bodies: dict[str, dict[str, Any]] = {name: {"points": []} for name in names}
-        results["scenarios"].update(bodies)
-        try:
-            if names == closed:
-                run_closed(args, knobs, names, bodies)
-            else:
-                run_scenario(names[0], args, knobs, bodies[names[0]]["points"])
-        except NotImplementedError as exc:
-            bodies[names[0]]["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported, and the other scenarios still run
-            traceback.print_exc()
-            for body in bodies.values():
-                body["error"] = f"{type(exc).__name__}: {exc}"
-            failed = True
-        failed |= any(not p.get("invariants", {"ok": True}).get("ok")
-                      for body in bodies.values() for p in body["points"])
-        report.write_all(results)
+    with ExitStack() as stacks:
+        # One stack for every scenario (each point still has a store of its own): starting one
+        # costs seconds on a quiet machine but minutes on a loaded one. `scale` makes its own.
+        shared = None
+        if not args.stack_per_scenario and any(name != "scale" for name in args.scenarios):
+            shared = stacks.enter_context(system(args, args.workers))
+        for names in units:
+            say(f"scenario {', '.join(names)}")
+            bodies: dict[str, dict[str, Any]] = {name: {"points": []} for name in names}
+            results["scenarios"].update(bodies)
+            try:
+                if names == closed:
+                    run_closed(args, knobs, names, bodies, shared)
+                else:
+                    run_scenario(names[0], args, knobs, bodies[names[0]]["points"], shared)
+            except NotImplementedError as exc:
+                bodies[names[0]]["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - reported, and the other scenarios still run
+                traceback.print_exc()
+                for body in bodies.values():
+                    body["error"] = f"{type(exc).__name__}: {exc}"
+                failed = True
+            failed |= any(not p.get("invariants", {"ok": True}).get("ok")
+                          for body in bodies.values() for p in body["points"])
+            report.write_all(results)
     if not args.no_ceiling:
         try:
             results["ceiling"] = run_ceiling(args)

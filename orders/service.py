@@ -5,7 +5,7 @@ import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -48,6 +48,21 @@ async def _announce(conn: asyncpg.Connection, event: Any, order_id: uuid.UUID) -
     await add_to_outbox(conn, event, str(order_id), correlation_id.get())
 
 
+class NewOrder(NamedTuple):
+    """A new order and its PedidoCriado: one row of INSERT_ORDERS_ANNOUNCED, in its column order
+    (lists as JSON text)."""
+
+    order_id: uuid.UUID
+    customer_id: str
+    store_id: str | None
+    stores: str
+    split: bool
+    items: str
+    event_id: uuid.UUID
+    request_id: str | None
+    body: str
+
+
 # Failures after which no order of the batch was written, so none is retried alone.
 WRITE_FAILED = DATABASE_UNAVAILABLE
 
@@ -62,7 +77,7 @@ class Intake:
 
     def __init__(self, pool: asyncpg.Pool, max_batch: int = 100) -> None:
         self.pool = pool
-        self._batcher: Batcher[tuple[tuple[Any, ...], dict[str, Any]]] = Batcher(
+        self._batcher: Batcher[tuple[NewOrder, dict[str, Any]]] = Batcher(
             self._write, max_size=max_batch, transient=WRITE_FAILED)
 
     async def close(self) -> None:
@@ -82,7 +97,7 @@ class Intake:
         metrics.order_status(Status.PENDING.value)
         return order, True
 
-    async def _write(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    async def _write(self, batch: list[tuple[NewOrder, dict[str, Any]]]) -> None:
         orders = await _insert_announced(self.pool, [values for values, _ in batch])
         for (_, slot), order in zip(batch, orders, strict=True):
             slot["order"] = order
@@ -118,23 +133,22 @@ def _order_created(order_id: uuid.UUID, attempt: int, order: Any) -> PedidoCriad
     )
 
 
-def _new_order_row(body: dict[str, Any]) -> tuple[Any, ...]:
-    """A new order and its PedidoCriado as one row of INSERT_ORDERS_ANNOUNCED (`body` as
-    orders/models.py OrderIn gives it: stores and split always set)."""
+def _new_order_row(body: dict[str, Any]) -> NewOrder:
+    """`body` as orders/models.py OrderIn gives it: stores and split always set."""
     order_id = uuid.uuid4()
     event = _order_created(order_id, 1, body)
-    return (order_id, body["customer_id"], body["store_id"], orjson.dumps(body["stores"]).decode(),
-            body["split"], orjson.dumps(body["items"]).decode(), event.event_id, correlation_id.get(),
-            event.model_dump_json())
+    return NewOrder(order_id, body["customer_id"], body["store_id"], orjson.dumps(body["stores"]).decode(),
+                    body["split"], orjson.dumps(body["items"]).decode(), event.event_id,
+                    correlation_id.get(), event.model_dump_json())
 
 
 async def _insert_announced(
-    conn: asyncpg.Connection | asyncpg.Pool, rows: list[tuple[Any, ...]]
+    conn: asyncpg.Connection | asyncpg.Pool, rows: list[NewOrder]
 ) -> list[dict[str, Any]]:
     """Inserts the orders with their events in one statement; the orders in the rows' order."""
     written = await conn.fetch(db.INSERT_ORDERS_ANNOUNCED, *zip(*rows, strict=True))
     by_id = {row["order_id"]: row for row in written}
-    return [db.to_order(by_id[row[0]]) for row in rows]
+    return [db.to_order(by_id[row.order_id]) for row in rows]
 
 
 async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:

@@ -113,7 +113,8 @@ class RabbitCluster:
 
     def live(self) -> ClusterNode:
         for node in self.nodes:
-            if _port_open(node.port):
+            pid = node.pid()
+            if pid is not None and pid_alive(pid) and _port_open(node.port):
                 return node
         raise RuntimeError("no RabbitMQ node of the cluster answers")
 

@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -152,7 +153,8 @@ async def _eventually(check: Callable[[], Awaitable[Any]], timeout: float) -> An
     while True:
         try:
             return await check()
-        except (AssertionError, OSError, RuntimeError) as exc:
+        except (AssertionError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            # (a rabbitmqctl aimed at a node as it dies fails: ask again)
             if time.monotonic() > deadline:
                 raise AssertionError(f"not within {timeout} s: {exc}") from None
         await asyncio.sleep(0.5)

@@ -230,22 +230,8 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return ceiling.run_ceiling(pg.admin_dsn(), seconds=args.ceiling_seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    tune_gc()  # the load generator shares the cores with the system: it should cost little
-    knobs = Knobs(duration=args.duration, skus=args.skus, sample=args.sample,
-                  drain_timeout=args.drain_timeout)
-    if not args.url:
-        from tooling.stack import ensure_infrastructure
-
-        ensure_infrastructure()
-    results: dict[str, Any] = {
-        "machine": report.machine_info(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("admin_token",)}
-        | {"target": args.url or ("a fresh stack per scenario" if args.stack_per_scenario
-                                 else "one fresh stack for every scenario (scale: one per worker count)")},
-        "scenarios": {},
-    }
+def run_all(args: argparse.Namespace, knobs: Knobs, results: dict[str, Any]) -> bool:
+    """Every scenario asked for, the results written after each; True if one failed."""
     failed = False
     closed = [name for name in args.scenarios if name in CLOSED]
     units = ([closed] if closed else []) + [[name] for name in args.scenarios if name not in CLOSED]
@@ -274,12 +260,32 @@ def main(argv: list[str] | None = None) -> int:
             failed |= any(not p.get("invariants", {"ok": True}).get("ok")
                           for body in bodies.values() for p in body["points"])
             report.write_all(results)
-    if not args.no_ceiling:
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tune_gc()  # the load generator shares the cores with the system: it should cost little
+    knobs = Knobs(duration=args.duration, skus=args.skus, sample=args.sample,
+                  drain_timeout=args.drain_timeout)
+    if not args.url:
+        from tooling.stack import ensure_infrastructure
+
+        ensure_infrastructure()
+    results: dict[str, Any] = {
+        "machine": report.machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("admin_token",)}
+        | {"target": args.url or ("a fresh stack per scenario" if args.stack_per_scenario
+                                 else "one fresh stack for every scenario (scale: one per worker count)")},
+        "scenarios": {},
+    }
+    if not args.no_ceiling:  # first, on a quiet server: the ratios exist even if a long run is cut
         try:
             results["ceiling"] = run_ceiling(args)
         except Exception as exc:  # noqa: BLE001 - reported in the results
             traceback.print_exc()
             results["ceiling"] = {"error": f"{type(exc).__name__}: {exc}"}
+    failed = run_all(args, knobs, results)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for path in report.write_all(results):
         say(f"wrote {path}")

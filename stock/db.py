@@ -343,6 +343,9 @@ FROM (
     FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(order_id, attempt, request_id)
     JOIN stock_order o ON o.order_id = r.order_id AND o.attempt = r.attempt
     LEFT JOIN stock_answer a ON a.order_id = o.order_id AND a.attempt = o.attempt
+    -- a tombstone (cancelled before stock decided anything) was never answered: nobody waits
+    -- on it (the order is cancelled in orders), so a late PedidoCriado still gets silence
+    WHERE NOT (o.state = 'cancelled' AND a.body IS NULL)
 ) again
 """
 

@@ -177,6 +177,36 @@ async def test_an_order_sold_or_released_since_is_answered_with_its_current_stat
         await conn.close()
 
 
+async def test_a_late_pedido_criado_for_a_cancel_tombstone_still_gets_no_answer(
+    stack: Stack, answers: Answers
+) -> None:
+    """Stock never decided an order whose cancel came first: nobody waits on it, nothing is
+    answered (an answer, had there been one, would come before the marker's: one relay lane
+    publishes in outbox order, and the marker is sent after the late order was handled)."""
+    store, sku = random_store(), random_sku()
+    async with stack.client() as client:
+        await put_stock(client, stack.admin, store, sku, 5)
+    order, marker = created(store, sku, 1), created(store, sku, 1)
+    await send(stack, PedidoCancelado(order_id=order.order_id, attempt=1))
+    late = order.model_copy(update={"event_id": uuid.uuid4()})
+    await stack.publish_raw(late.model_dump_json().encode(), "PedidoCriado", str(late.event_id),
+                            correlation_id=str(order.order_id))
+    conn = await stack.stock_db()
+    try:
+        async def handled() -> None:
+            assert await conn.fetchval("SELECT count(*) FROM inbox WHERE message_id = $1",
+                                       str(late.event_id)) == 1
+
+        await eventually(handled, timeout=30)
+        assert await conn.fetchval("SELECT state FROM stock_order WHERE order_id = $1", order.order_id) == "cancelled"
+    finally:
+        await conn.close()
+    await send(stack, marker)
+    await answers.wait(marker.order_id, 1)
+    assert answers.by_order[str(order.order_id)] == []
+    assert (await figures(stack, store, sku))[:2] == (5, 1)  # the marker's hold only
+
+
 async def test_many_orders_asked_again_at_once_each_get_their_decision_once_per_asking(
     stack: Stack, answers: Answers
 ) -> None:

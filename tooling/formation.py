@@ -30,6 +30,13 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '{sock}'
 max_connections = 300
 shared_buffers = 128MB
+# A commit returns once the standby has applied it, not only flushed it: whoever connects next
+# through the multi-host URL sees it on either node. (With `on`, a database just created on the
+# primary was not there yet on the standby, and asyncpg, which tries the hosts in order, gives
+# up at the first one's "database does not exist" instead of trying the next, as libpq would.)
+synchronous_commit = remote_apply
+# pg_autoctl keeps 8 GB of WAL for a standby that falls behind; RUN_DIR is a developer's disk.
+wal_keep_size = '512MB'
 """
 # The monitor's defaults take ~50 s from a dead primary to a writable standby (10 s to call a
 # node unhealthy, 10 s more, then 30 s waiting for the dead primary to demote itself). A node

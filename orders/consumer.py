@@ -1,4 +1,5 @@
 """Consumes `orders.status`: stock's answers (`AtualizarStatus`) move the order along.
+`routes` is the service's routing table: event type → handler.
 
 Answers are applied in natural batches (shared/batching.py): one transaction and one commit for
 whatever arrived meanwhile, with one statement locking the batch's orders and one writing them
@@ -7,21 +8,16 @@ whatever arrived meanwhile, with one statement locking the batch's orders and on
 from collections.abc import Callable
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 from asgi_correlation_id import correlation_id
 
 from orders.service import apply_answers
 from shared import metrics
 from shared.batching import Batcher
-from shared.consumer import parse_json
+from shared.consumer import Route, Routes
 from shared.db import first_deliveries
 from shared.events import AtualizarStatus
 
 Pending = tuple[AtualizarStatus, str, str | None]  # the answer, its message_id, its request id
-
-
-def parse(message: AbstractIncomingMessage) -> AtualizarStatus:
-    return AtualizarStatus.model_validate(parse_json(message))
 
 
 def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]):  # type: ignore[no-untyped-def]
@@ -42,8 +38,8 @@ def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]): 
     return flush
 
 
-def handler(batcher: Batcher[Pending]):  # type: ignore[no-untyped-def]
-    async def handle(answer: AtualizarStatus, message_id: str) -> None:
+def routes(batcher: Batcher[Pending]) -> Routes:
+    async def on_answer(answer: AtualizarStatus, message_id: str) -> None:
         await batcher.submit((answer, message_id, correlation_id.get()))
 
-    return handle
+    return {"AtualizarStatus": Route(AtualizarStatus.model_validate, on_answer)}

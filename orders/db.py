@@ -18,15 +18,15 @@ WITH new AS (
     -- stores, items and body come as JSON text: asyncpg would read a list inside an array as a
     -- dimension
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::text[],
-                         $7::uuid[], $8::text[], $9::text[])
-        AS n(order_id, customer_id, store_id, stores, split, items, event_id, request_id, body)
+                         $7::uuid[], $8::text[], $9::text[], $10::text[])
+        AS n(order_id, customer_id, store_id, stores, split, items, event_id, request_id, body, traceparent)
 ), created AS (
     INSERT INTO orders (order_id, customer_id, store_id, stores, split, items, status)
     SELECT order_id, customer_id, store_id, stores::jsonb, split, items::jsonb, 'pending' FROM new
     RETURNING {ORDER_COLUMNS}
 ), announced AS (
-    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-    SELECT event_id, 'PedidoCriado', order_id::text, request_id, body::jsonb FROM new
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body)
+    SELECT event_id, 'PedidoCriado', order_id::text, request_id, traceparent, body::jsonb FROM new
 )
 SELECT * FROM created
 """

@@ -2,7 +2,8 @@
 
     pending ──EstoqueReservado──▶ reserved ──confirm──▶ confirming ──EstoqueBaixado──▶ confirmed
        │                            │  └──ReservaExpirada──▶ expired ◀──ReservaExpirada──┘
-       └──EstoqueNaoDisponivel──▶ rejected            │
+       ├──EstoqueNaoDisponivel──▶ rejected            │
+       └──ReservaExpirada (overtook its EstoqueReservado)──▶ expired
     rejected / expired ──reserve──▶ pending (attempt + 1)
     pending / reserved / rejected / expired ──cancel──▶ cancelled
 """
@@ -35,7 +36,9 @@ TRANSITIONS: dict[str, tuple[frozenset[Status], Status]] = {
     "EstoqueReservado": (frozenset({Status.PENDING}), Status.RESERVED),
     "EstoqueNaoDisponivel": (frozenset({Status.PENDING}), Status.REJECTED),
     "EstoqueBaixado": (frozenset({Status.CONFIRMING}), Status.CONFIRMED),
-    "ReservaExpirada": (frozenset({Status.RESERVED, Status.CONFIRMING}), Status.EXPIRED),
+    # Also from pending: stock expires only a hold it made, and the answer that made it may come
+    # second (relays of different processes publish in no common order, shared/outbox.py).
+    "ReservaExpirada": (frozenset({Status.PENDING, Status.RESERVED, Status.CONFIRMING}), Status.EXPIRED),
 }
 
 

@@ -16,12 +16,13 @@ from orders.service import Intake
 from orders.waiters import StatusWaiters
 from shared import metrics
 from shared.batching import Batcher
+from shared.broker import open_broker
 from shared.consumer import TRANSIENT, Consumer
 from shared.db import create_pool
 from shared.gauges import dead_letter_gauges, outbox_gauges
 from shared.health import broker_check, database_check
 from shared.logs import configure_logging
-from shared.messaging import ORDERS_STATUS, connect, declare_topology
+from shared.messaging import ORDERS_STATUS
 from shared.metrics import Refresh
 from shared.outbox import start_relays, stop_relays
 from shared.retention import Purge, purge_forever
@@ -37,22 +38,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     app.state.pool = pool = await create_pool(settings.orders_database_url, settings.db_pool_size)
     app.state.intake = intake = Intake(pool, settings.batch_size)
-    app.state.amqp = amqp = await connect(settings.orders_amqp_url)
-    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
-    await channel.set_qos(prefetch_count=settings.prefetch_count)
-    exchange = await declare_topology(channel, settings.delivery_limit)
-    queue = await channel.get_queue(ORDERS_STATUS)
+    app.state.broker = broker = await open_broker(
+        settings.orders_amqp_url, delivery_limit=settings.delivery_limit, prefetch=settings.prefetch_count,
+        name="orders")
     app.state.waiters = waiters = StatusWaiters(pool)
     waiters.start()
     batcher: Batcher[consumer.Pending] = Batcher(
         consumer.apply_pending(pool, on_applied=waiters.changed),
         max_size=settings.batch_size, transient=TRANSIENT,
     )
-    status_consumer = Consumer(queue, channel, consumer.parse, consumer.handler(batcher))
-    relays = start_relays(settings.orders_database_url, exchange) if settings.outbox_relay else []
+    status_consumer = Consumer(await broker.queue(ORDERS_STATUS), broker.channel, consumer.routes(batcher))
+    # Orders writes no stock changes: its relay serves the one lane it has.
+    relays = start_relays(settings.orders_database_url, broker.exchange, ["orders"]) if settings.outbox_relay else []
     await status_consumer.start()
     gauges = [metrics.on_scrape(refresh) for refresh in (
-        outbox_gauges(pool), pending_gauge(pool), dead_letter_gauges(amqp, [ORDERS_STATUS]))]
+        outbox_gauges(pool), pending_gauge(pool), dead_letter_gauges(broker.connection, [ORDERS_STATUS]))]
     stopping = asyncio.Event()
     housekeeping = [
         asyncio.create_task(reconcile_forever(pool, settings, stopping)),
@@ -71,7 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await intake.close()
         await stop_relays(relays)
         await waiters.stop()
-        await amqp.close()
+        await broker.close()
         await pool.close()
 
 
@@ -83,7 +83,7 @@ def pending_gauge(pool: asyncpg.Pool) -> Refresh:
 
 
 def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
-    return {"database": database_check(app.state.pool), "broker": broker_check(app.state.amqp)}
+    return {"database": database_check(app.state.pool), "broker": broker_check(app.state.broker)}
 
 
 def create() -> FastAPI:

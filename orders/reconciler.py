@@ -52,7 +52,8 @@ async def reconcile_once(pool: asyncpg.Pool, after_seconds: float, batch_size: i
 
 
 def _outbox_row(event: Any) -> tuple[Any, ...]:
-    return (event.event_id, event.event_type, str(event.order_id), None, event.model_dump(mode="json"))
+    # No request id nor trace context: no request or message caused this one.
+    return (event.event_id, event.event_type, str(event.order_id), None, None, event.model_dump(mode="json"))
 
 
 async def reconcile_forever(pool: asyncpg.Pool, settings: Settings, stopping: asyncio.Event) -> None:

@@ -25,6 +25,7 @@ from shared import metrics
 from shared.batching import Batcher
 from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
+from shared.messaging import TRACEPARENT
 from shared.outbox import add_to_outbox, wake_relays
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class NewOrder(NamedTuple):
     event_id: uuid.UUID
     request_id: str | None
     body: str
+    traceparent: str | None
 
 
 # Failures after which no order of the batch was written, so none is retried alone.
@@ -139,7 +141,7 @@ def _new_order_row(body: dict[str, Any]) -> NewOrder:
     event = _order_created(order_id, 1, body)
     return NewOrder(order_id, body["customer_id"], body["store_id"], orjson.dumps(body["stores"]).decode(),
                     body["split"], orjson.dumps(body["items"]).decode(), event.event_id,
-                    correlation_id.get(), event.model_dump_json())
+                    correlation_id.get(), event.model_dump_json(), TRACEPARENT.get())
 
 
 async def _insert_announced(

@@ -1,7 +1,10 @@
 """The consuming side of every queue: parse, handle in one transaction, then ack.
 
-- A message that cannot be parsed or validated is a poison message: it goes to `<queue>.dlq`
-  at once with the reason in `x-dead-letter-reason`, and the queue keeps flowing.
+- Each message goes to the handler its event type has in the service's routing table (`Route`).
+- A message that cannot be parsed or validated, or that no route takes, is a poison message: it
+  goes to `<queue>.dlq` at once with the reason in `x-dead-letter-reason`, and the queue keeps
+  flowing. If that publish fails, the message is rejected instead and the queue dead-letters it
+  (at least once, shared/broker.py); it is never left for a later bulk ack to swallow.
 - A transient failure (deadlock, serialization) is retried here with backoff; past that the
   message is returned to the queue, and the quorum queue's delivery limit dead-letters it if it
   never succeeds. The database being unreachable (down, restarting, failing over) is retried
@@ -17,7 +20,8 @@ import asyncio
 import logging
 import random
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
@@ -32,7 +36,7 @@ from pydantic import ValidationError
 
 from shared import metrics
 from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
-from shared.messaging import DEAD_LETTER_EXCHANGE
+from shared.messaging import DEAD_LETTER_EXCHANGE, TRACEPARENT, valid_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +57,23 @@ TRANSIENT = (
 OUTAGE_PATIENCE_SECONDS = 300.0
 ATTEMPTS = 6  # for the other transient failures, per delivery
 
-Parse = Callable[[AbstractIncomingMessage], Any]
-Handle = Callable[[Any, str], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How a queue's consumer reads and handles one event type: an entry of a service's routing
+    table (orders/consumer.py, stock/consumer.py)."""
+
+    parse: Callable[[dict[str, Any]], Any]  # the validated event from the JSON body
+    handle: Callable[[Any, str], Awaitable[None]]  # (event, message_id), in its own transaction
+
+
+Routes = Mapping[str, Route]
 
 
 class Consumer:
-    def __init__(self, queue: AbstractQueue, channel: AbstractChannel, parse: Parse, handle: Handle) -> None:
+    def __init__(self, queue: AbstractQueue, channel: AbstractChannel, routes: Routes) -> None:
         self.queue = queue
         self.channel = channel
-        self.parse = parse
-        self.handle = handle
+        self.routes = routes
         self._tag: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._acks: weakref.WeakSet[BulkAcks] = weakref.WeakSet()
@@ -92,46 +103,51 @@ class Consumer:
         if task is not None:
             self._in_flight.add(task)
         token = correlation_id.set(_request_id(message))
+        trace = TRACEPARENT.set(valid_traceparent((message.headers or {}).get("traceparent")))
         try:
             await self._process(message, acks)
         finally:
+            TRACEPARENT.reset(trace)
             correlation_id.reset(token)
             if task is not None:
                 self._in_flight.discard(task)
 
+    def parse(self, message: AbstractIncomingMessage) -> tuple[Route, Any]:
+        body = parse_json(message)
+        event_type = message.type or body.get("event_type")
+        route = self.routes.get(event_type) if isinstance(event_type, str) else None
+        if route is None:
+            raise ValueError(f"no handler for event type {event_type!r} on {self.queue.name}")
+        if body.get("event_type", event_type) != event_type:
+            raise ValueError(f"message type {event_type!r} does not match its body")
+        return route, route.parse(body)
+
     async def _process(self, message: AbstractIncomingMessage, acks: "BulkAcks") -> None:
-        tag = _tag(message)
         try:
-            event = self.parse(message)
+            route, event = self.parse(message)
         except (ValidationError, ValueError, orjson.JSONDecodeError) as exc:
-            try:
-                await self._dead_letter(message, f"invalid message: {exc}"[:1000])
-                metrics.consumed(self.queue.name, message.type, "dead_lettered")
-            finally:
-                acks.settled(tag)
+            await self._settle(message, acks, self._dead_letter(message, f"invalid message: {exc}"[:1000]))
+            metrics.consumed(self.queue.name, message.type, "dead_lettered")
             return
         message_id = message.message_id or str(event.event_id)
         try:
-            await self._handle(event, message_id)
+            await self._handle(route, event, message_id)
         except Exception:
             log.exception("handling failed; returning the message to the queue",
                           extra={"message_id": message_id, "event_type": message.type})
-            try:
-                await message.nack(requeue=True)
-                metrics.consumed(self.queue.name, message.type, "redelivered")
-            finally:
-                acks.settled(tag)
+            await self._settle(message, acks, message.nack(requeue=True))
+            metrics.consumed(self.queue.name, message.type, "redelivered")
             return
-        acks.handled(tag)
+        acks.handled(_tag(message))
         metrics.consumed(self.queue.name, message.type, "acked")
 
-    async def _handle(self, event: Any, message_id: str) -> None:
+    async def _handle(self, route: Route, event: Any, message_id: str) -> None:
         """The handler, retried on transient failures (see the module docstring). A plain loop:
         it costs nothing when the first attempt succeeds, which is nearly always."""
         started = asyncio.get_running_loop().time()
         for attempt in count(1):
             try:
-                await self.handle(event, message_id)
+                await route.handle(event, message_id)
                 return
             except TRANSIENT as exc:
                 waited = asyncio.get_running_loop().time() - started
@@ -140,9 +156,33 @@ class Consumer:
                 _log_retry(exc, attempt)
                 await asyncio.sleep(_backoff(attempt))
 
+    @staticmethod
+    async def _settle(message: AbstractIncomingMessage, acks: "BulkAcks", settling: Awaitable[Any]) -> None:
+        """Acks or nacks `message` on its own; only then may bulk acks reach past it. If that
+        fails on a channel still open, the message stays in hand until the channel closes
+        (and the broker delivers it again): never acked by a later bulk ack."""
+        try:
+            await settling
+        except Exception:
+            log.warning("could not settle a message", extra={"message_id": message.message_id}, exc_info=True)
+            if not message.channel.is_closed:
+                return
+        acks.settled(_tag(message))
+
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        log.warning("dead-lettering poison message",
-                    extra={"message_id": message.message_id, "reason": reason})
+        """To `<queue>.dlq` with the reason in a header; if that publish is not confirmed, the
+        queue dead-letters it itself (a reject: at least once, with `x-first-death-reason`)."""
+        log.warning("dead-lettering poison message", extra={"message_id": message.message_id, "reason": reason})
+        try:
+            await self._publish_dead_letter(message, reason)
+        except Exception:
+            log.warning("dead-letter publish failed; rejecting the message to the queue's dead-letter exchange",
+                        extra={"message_id": message.message_id}, exc_info=True)
+            await message.nack(requeue=False)
+            return
+        await message.ack()
+
+    async def _publish_dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         dlx = await self.channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
         headers = dict(message.headers or {})
         headers.update({"x-dead-letter-reason": reason, "x-original-queue": self.queue.name})
@@ -159,7 +199,6 @@ class Consumer:
             routing_key=f"{self.queue.name}.dlq",
             mandatory=True,
         )
-        await message.ack()
 
 
 class BulkAcks:

@@ -6,7 +6,13 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from shared.messaging import ROUTED_EVENTS
-from shared.metrics import DEAD_LETTERS, OUTBOX_BACKLOG, OUTBOX_OLDEST, Refresh
+from shared.metrics import (
+    DEAD_LETTERS,
+    OUTBOX_BACKLOG,
+    OUTBOX_OLDEST,
+    OUTBOX_SET_ASIDE_ROWS,
+    Refresh,
+)
 
 # The relay's two lanes (shared/outbox.py): events some queue must receive, and the rest.
 ROUTED_LANE, UNROUTED_LANE = "orders", "stock-changes"
@@ -19,6 +25,7 @@ SELECT event_type = ANY($1::text[]) AS routed, count(*) AS waiting,
        COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest
 FROM outbox GROUP BY 1
 """
+SET_ASIDE = "SELECT count(*) FROM outbox_set_aside"
 
 
 def outbox_gauges(pool: asyncpg.Pool) -> Refresh:
@@ -30,6 +37,7 @@ def outbox_gauges(pool: asyncpg.Pool) -> Refresh:
         for lane, (waiting, oldest) in found.items():
             OUTBOX_BACKLOG.labels(lane).set(waiting)
             OUTBOX_OLDEST.labels(lane).set(max(0.0, oldest))
+        OUTBOX_SET_ASIDE_ROWS.set(await pool.fetchval(SET_ASIDE))
 
     return refresh
 

@@ -4,7 +4,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from aio_pika.abc import AbstractRobustConnection
+
+from shared.broker import Broker
 
 
 def database_check(pool: asyncpg.Pool) -> Callable[[], Awaitable[None]]:
@@ -15,9 +16,10 @@ def database_check(pool: asyncpg.Pool) -> Callable[[], Awaitable[None]]:
     return check
 
 
-def broker_check(connection: AbstractRobustConnection) -> Callable[[], Awaitable[None]]:
+def broker_check(broker: Broker) -> Callable[[], Awaitable[None]]:
     async def check() -> None:
-        if connection.is_closed or not connection.connected.is_set():
-            raise ConnectionError("not connected to RabbitMQ")
+        for connection in (broker.connection, broker.publisher):
+            if connection.is_closed or not connection.connected.is_set():
+                raise ConnectionError("not connected to RabbitMQ")
 
     return check

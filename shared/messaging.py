@@ -1,30 +1,25 @@
-"""RabbitMQ topology (API.md §6), the one way a message is built, and publishing in batches.
+"""The messages of API.md §6: names of the topology, the one way a message is built, and
+publishing in batches with a verdict per message.
 
-Every queue is a durable quorum queue with a delivery limit; what it cannot deliver goes to
-`<queue>.dlq` through the dead-letter exchange. Every service declares the whole topology at
-start: declaring is idempotent, and no service then depends on another having started first."""
+Connecting, declaring the topology and consuming are in shared/broker.py."""
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
-from aio_pika.exceptions import AMQPConnectionError
+from aio_pika.abc import AbstractExchange
 from aiormq.abc import ChannelFrame
 from pamqp import commands
 from pamqp.body import ContentBody
+from pamqp.common import FieldTable
 from pamqp.frame import marshal
 from pamqp.header import ContentHeader
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 log = logging.getLogger(__name__)
 
@@ -41,55 +36,31 @@ QUEUES: dict[str, tuple[str, ...]] = {
 # error at the relay instead of a silently dropped order.
 ROUTED_EVENTS = frozenset(e for events in QUEUES.values() for e in events)
 
-
-async def connect(url: str) -> AbstractRobustConnection:
-    """A connection that re-establishes itself, its channels, queues and consumers after the
-    broker comes back. The first connect is retried too: a service may start before the broker."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((OSError, AMQPConnectionError)),
-        wait=wait_exponential(multiplier=0.2, max=3), stop=stop_after_delay(120), reraise=True,
-        before_sleep=lambda s: log.warning("broker not reachable yet; retrying"),
-    ):
-        with attempt:
-            return await aio_pika.connect_robust(url, client_properties={"connection_name": "inventory"})
-    raise AssertionError("unreachable")
-
-
-async def declare_topology(channel: AbstractChannel, delivery_limit: int) -> AbstractExchange:
-    exchange = await channel.declare_exchange(
-        EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    dlx = await channel.declare_exchange(
-        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
-    )
-    for name, events in QUEUES.items():
-        queue = await declare_work_queue(channel, name, delivery_limit)
-        for event in events:
-            await queue.bind(exchange, routing_key=event)
-        dead = await channel.declare_queue(
-            f"{name}.dlq", durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await dead.bind(dlx, routing_key=f"{name}.dlq")
-    return exchange
-
-
-async def declare_work_queue(
-    channel: AbstractChannel, name: str, delivery_limit: int
-) -> AbstractQueue:
-    return await channel.declare_queue(
-        name,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": delivery_limit,
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            "x-dead-letter-routing-key": f"{name}.dlq",
-        },
-    )
-
-
 # ----- what every message carries (API.md §6) ----------------------------------------------------
 CONTENT_TYPE = "application/json"
+
+# The W3C trace context of the work in hand (a request, a message): carried like the request
+# id, from the request or message that caused an event into the outbox row and the message.
+TRACEPARENT: ContextVar[str | None] = ContextVar("traceparent", default=None)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def valid_traceparent(value: object) -> str | None:
+    """`value` if it is a W3C traceparent (version 00 shape, ids not all zero), else None:
+    a malformed one is dropped, as the W3C spec asks, never passed on."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if not isinstance(value, str) or not _TRACEPARENT.fullmatch(value) or value.startswith("ff"):
+        return None
+    _, trace_id, span_id, _ = value.split("-")
+    return None if set(trace_id) == {"0"} or set(span_id) == {"0"} else value
+
+
+def message_headers(event_id: str, request_id: str | None, traceparent: str | None) -> FieldTable:
+    headers: FieldTable = {"x-request-id": request_id or event_id}
+    if traceparent:
+        headers["traceparent"] = traceparent
+    return headers
 
 
 def build_message(
@@ -99,6 +70,7 @@ def build_message(
     event_type: str,
     correlation_id: str | None,
     request_id: str | None,
+    traceparent: str | None = None,
     headers: dict[str, str | int] | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
@@ -108,21 +80,22 @@ def build_message(
         message_id=event_id,
         type=event_type,
         correlation_id=correlation_id,
-        headers={"x-request-id": request_id or event_id, **(headers or {})},
+        headers={**message_headers(event_id, request_id, traceparent), **(headers or {})},
     )
 
 
 def build_properties(
-    *, event_id: str, event_type: str, correlation_id: str | None, request_id: str | None
+    *, event_id: str, event_type: str, correlation_id: str | None, request_id: str | None,
+    traceparent: str | None = None,
 ) -> commands.Basic.Properties:
-    """`build_message`'s properties, for `publish_batch` (which skips aio-pika's Message)."""
+    """`build_message`'s properties, for `publish_each` (which skips aio-pika's Message)."""
     return commands.Basic.Properties(
         content_type=CONTENT_TYPE,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
         message_id=event_id,
         message_type=event_type,
         correlation_id=correlation_id,
-        headers={"x-request-id": request_id or event_id},
+        headers=message_headers(event_id, request_id, traceparent),
     )
 
 
@@ -135,13 +108,25 @@ class Outgoing:
     mandatory: bool
 
 
-async def publish_batch(exchange: AbstractExchange, messages: Sequence[Outgoing]) -> None:
-    """Publishes `messages` in order and returns once the broker confirmed every one of them.
+class FrameTooLarge(aiormq.exceptions.AMQPError):
+    """The message's properties do not fit in one frame of this connection. Sent anyway, the
+    broker would close the whole connection (FRAME_ERROR), cutting every channel on it."""
 
-    Raises like `Exchange.publish` if any fails: `PublishError` for a `mandatory` message no
-    queue takes, `DeliveryError` for a nack, `ChannelInvalidStateError` and the like when the
-    channel closes first; the caller then publishes the whole batch again (consumers' inboxes
-    drop the copies).
+    reason = "properties of %d bytes exceed the connection's frame_max of %d"
+
+
+async def publish_batch(exchange: AbstractExchange, messages: Sequence[Outgoing]) -> None:
+    """`publish_each`, raising the first message's failure (tests and tools)."""
+    for verdict in await publish_each(exchange, messages):
+        if verdict is not None:
+            raise verdict
+
+
+async def publish_each(exchange: AbstractExchange, messages: Sequence[Outgoing]) -> list[BaseException | None]:
+    """Publishes `messages` in order and returns, once the broker settled every one, a verdict
+    per message: None when confirmed, else why not — `FrameTooLarge` (never sent),
+    `PublishError` (a `mandatory` message no queue takes), `DeliveryError` (nacked), or the
+    reason the channel closed first (for every message not confirmed by then).
 
     Why not `Exchange.publish` per message: each costs ~150 µs of CPU (a message object, a lock,
     a timeout, a task, futures and one socket write), and stock publishes four messages per
@@ -149,12 +134,21 @@ async def publish_batch(exchange: AbstractExchange, messages: Sequence[Outgoing]
     confirmation is registered in aiormq's own channel bookkeeping as its `basic_publish` does,
     so the broker's acks, nacks and returns settle them the same way (~35 µs per message in all,
     measured). tests/integration/test_publishing.py pins that to the aiormq in use."""
+    verdicts: list[BaseException | None] = [None] * len(messages)
     if not messages:
-        return
+        return verdicts
     # The concrete Exchange knows its channel; the abstract interface does not say so.
     channel = await cast(aio_pika.Exchange, exchange).channel.get_underlay_channel()
     assert isinstance(channel, aiormq.Channel) and channel.publisher_confirms
-    payload = _frames(channel, exchange.name, messages)
+    frame_max = channel.connection.connection_tune.frame_max
+    headers = [marshal(ContentHeader(body_size=len(m.body), properties=m.properties), channel.number)
+               for m in messages]
+    sent = [i for i, header in enumerate(headers) if not frame_max or len(header) <= frame_max]
+    for i in set(range(len(messages))) - set(sent):
+        verdicts[i] = FrameTooLarge(len(headers[i]), frame_max)
+    if not sent:
+        return verdicts
+    payload = _frames(channel, exchange.name, [(messages[i], headers[i]) for i in sent])
     # Futures made by the channel are failed by aiormq when the channel closes; plain ones are
     # cheaper (no bookkeeping per message), so one of the former watches over the batch.
     closed = channel.create_future()
@@ -164,37 +158,45 @@ async def publish_batch(exchange: AbstractExchange, messages: Sequence[Outgoing]
         # for room in the queue leaves no trace, and no confirm can arrive before registration.
         await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False, drain_future=written))
         first_tag = channel.delivery_tag + 1
-        confirmations = [_expect_confirm(channel, first_tag + i, m) for i, m in enumerate(messages)]
-        channel.delivery_tag += len(messages)
-        await written  # the socket took it (flow control, as basic_publish waits)
-    confirmed = asyncio.gather(*confirmations)
+        confirmations = [_expect_confirm(channel, first_tag + n, messages[i]) for n, i in enumerate(sent)]
+        channel.delivery_tag += len(sent)
+        await asyncio.wait((written,))  # the socket took it (flow control, as basic_publish waits)
     try:
-        await asyncio.wait((confirmed, closed), return_when=asyncio.FIRST_COMPLETED)
-        if not confirmed.done():
-            # The confirms will never come; they are left to go with the dead channel.
-            closed.result()  # raises why the channel closed
-            raise aiormq.exceptions.ChannelInvalidStateError("channel closed before the confirms")
-        confirmed.result()  # raises on a nack or a return
+        await asyncio.wait((asyncio.gather(*confirmations, return_exceptions=True), closed),
+                           return_when=asyncio.FIRST_COMPLETED)
+        for n, i in enumerate(sent):
+            verdicts[i] = _verdict(confirmations[n], closed)
     finally:
         closed.cancel()
-        for i, message in enumerate(messages):
-            message_id = message.properties.message_id
-            if (message.mandatory and message_id is not None
-                    and channel.message_id_delivery_tag.get(message_id) == first_tag + i):
+        for n, i in enumerate(sent):
+            message_id = messages[i].properties.message_id
+            if (messages[i].mandatory and message_id is not None
+                    and channel.message_id_delivery_tag.get(message_id) == first_tag + n):
                 del channel.message_id_delivery_tag[message_id]
+    return verdicts
 
 
-def _frames(channel: aiormq.Channel, exchange: str, messages: Sequence[Outgoing]) -> bytes:
+def _verdict(confirmation: asyncio.Future[object], closed: asyncio.Future[object]) -> BaseException | None:
+    if confirmation.done():
+        return confirmation.exception()
+    # The confirm will never come; it is left to go with the dead channel.
+    confirmation.cancel()
+    if closed.done() and not closed.cancelled() and closed.exception() is not None:
+        return closed.exception()
+    return aiormq.exceptions.ChannelInvalidStateError("channel closed before the confirms")
+
+
+def _frames(channel: aiormq.Channel, exchange: str, messages: Sequence[tuple[Outgoing, bytes]]) -> bytes:
     methods: dict[tuple[str, bool], bytes] = {}  # one Basic.Publish frame per routing key
     parts: list[bytes] = []
-    for m in messages:
+    for m, header in messages:
         method = methods.get((m.routing_key, m.mandatory))
         if method is None:
             method = marshal(commands.Basic.Publish(
                 exchange=exchange, routing_key=m.routing_key, mandatory=m.mandatory), channel.number)
             methods[(m.routing_key, m.mandatory)] = method
         parts.append(method)
-        parts.append(marshal(ContentHeader(body_size=len(m.body), properties=m.properties), channel.number))
+        parts.append(header)
         for start in range(0, len(m.body), channel.max_content_size):
             parts.append(marshal(ContentBody(m.body[start:start + channel.max_content_size]), channel.number))
     return b"".join(parts)

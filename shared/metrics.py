@@ -46,6 +46,12 @@ OUTBOX_BACKLOG = Gauge("outbox_backlog", "Outbox rows waiting to be published (a
                        ["lane"], registry=None)
 OUTBOX_OLDEST = Gauge("outbox_oldest_seconds", "Age of the oldest outbox row waiting (0: none)",
                       ["lane"], registry=None)
+OUTBOX_SET_ASIDE_ROWS = Gauge("outbox_set_aside_rows",
+                              "Outbox rows the broker refused, set aside (see `dlq outbox`)", registry=None)
+OUTBOX_REFUSED = Counter("outbox_refused_total", "Publishes of outbox rows the broker refused, by this "
+                         "process's relay", ["lane"], registry=None)
+OUTBOX_SET_ASIDE = Counter("outbox_set_aside_total", "Outbox rows this process's relay set aside after "
+                           "the broker refused them", ["lane"], registry=None)
 PENDING_OLDEST = Gauge("orders_pending_oldest_seconds",
                        "How long the oldest order still pending has waited for its decision (0: none)",
                        registry=None)
@@ -62,14 +68,15 @@ RETENTION_DELETED = Counter("retention_deleted_total",
                             ["kind"], registry=None)
 
 HTTP = (HTTP_REQUESTS, HTTP_LATENCY)
-OUTBOX = (OUTBOX_BACKLOG, OUTBOX_OLDEST)
+OUTBOX = (OUTBOX_BACKLOG, OUTBOX_OLDEST, OUTBOX_SET_ASIDE_ROWS)
+RELAY = (OUTBOX_REFUSED, OUTBOX_SET_ASIDE)  # every process that runs a relay (shared/outbox.py)
 FAMILIES: dict[str, tuple[MetricWrapperBase, ...]] = {
     "gateway": HTTP,
-    "orders": (*HTTP, ORDER_STATUS, PENDING_OLDEST, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS,
+    "orders": (*HTTP, ORDER_STATUS, PENDING_OLDEST, MESSAGES_CONSUMED, *OUTBOX, *RELAY, DEAD_LETTERS,
                ASKED_AGAIN, RETENTION_DELETED),
-    "stock": HTTP,
-    "stock-worker": (DECISION_LATENCY, HOLDS, HOLDS_OVERDUE, MESSAGES_CONSUMED, *OUTBOX, DEAD_LETTERS,
-                     RETENTION_DELETED),
+    "stock": (*HTTP, *RELAY),
+    "stock-worker": (DECISION_LATENCY, HOLDS, HOLDS_OVERDUE, MESSAGES_CONSUMED, *OUTBOX, *RELAY,
+                     DEAD_LETTERS, RETENTION_DELETED),
 }
 
 _exposed: set[int] = set()

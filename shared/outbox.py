@@ -1,37 +1,70 @@
 """Transactional outbox: events are written with the state change, and a relay publishes them.
 
-Exactly one relay per database and lane publishes at a time (a session advisory lock), so events
-leave in the order they were written; the others wait as stand-ins and take over within a second
-if the leader dies. Rows are deleted only after the broker confirmed them: a crash in between publishes
-them again, which the consumers' inbox turns into a no-op."""
+Every process that writes events runs a relay, and a writer wakes the relay of its own process
+after its commit (`wake_relays`): the events of an order leave at once from the process that
+wrote them, and no process polls for another's. A relay takes rows with `FOR UPDATE SKIP LOCKED`
+inside a transaction that deletes them, publishes them with publisher confirms and commits only
+once the broker confirmed them: relays of several processes never take the same row, and a
+relay that dies mid-way leaves its rows to be taken again. Any row not woken for (its writer
+died between commit and wake-up) is found by the slow look every relay takes every
+SWEEP_SECONDS. A row published twice (a crash after the confirm, before the commit) is a
+no-op at its consumer (inbox).
+
+Order: rows leave in id order within one relay's batch, but relays of different processes
+overtake each other freely. Nothing relies on order across messages: consumers use the order's
+`attempt` and state machine, and stock changes carry their `version`
+(tests/integration/test_reordering.py delivers every answer in every order).
+
+A row the broker refuses (properties beyond the frame size, unroutable, nacked, refused by a
+policy) never holds back the rows behind it: it is tried RETRIES times, then moved to
+`outbox_set_aside` with its error, counted in /metrics, and `dlq outbox` lists and re-sends it.
+A broker that is down or failing over refuses nothing: its rows wait, uncounted."""
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractExchange
 
+from shared import metrics
 from shared.events import Event
-from shared.messaging import ROUTED_EVENTS, Outgoing, build_properties, publish_batch
+from shared.messaging import (
+    ROUTED_EVENTS,
+    TRACEPARENT,
+    FrameTooLarge,
+    Outgoing,
+    build_properties,
+    publish_each,
+)
 
 log = logging.getLogger(__name__)
 
-RELAY_LOCK = 7_000_002
 BATCH = 500
-POLL_SECONDS = 0.05
-# Right after a publish, look again this soon, then twice as late after each empty look, up to
-# POLL_SECONDS. The leader of a lane runs in one process; writers in the others cannot wake it
-# (no NOTIFY, see OutboxRelay), so at a fixed 50 ms a stock worker's answer waited 25 ms on
-# average for the relay of another worker (p50 59 ms at 100 orders/s, measured); a fixed 3 ms
-# cost a third of a core of empty looks at 100 orders/s.
-FIRST_LOOK_SECONDS = 0.002
-_COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, body::text AS body"
-SELECT_ROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type = ANY($1::text[]) ORDER BY id LIMIT $2"
-SELECT_UNROUTED = f"SELECT {_COLUMNS} FROM outbox WHERE event_type <> ALL($1::text[]) ORDER BY id LIMIT $2"
+RETRIES = 5  # tries of a row the broker refuses, before it is set aside
+SWEEP_SECONDS = 2.0  # the slow look for rows nobody woke a relay for
+LANES = ("orders", "stock-changes")
+
+_COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, traceparent, body::text AS body, attempts"
+_LANE = {"orders": "event_type = ANY($1::text[])", "stock-changes": "event_type <> ALL($1::text[])"}
+TAKE = {lane: f"""DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox WHERE {where} ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+RETURNING {_COLUMNS}""" for lane, where in _LANE.items()}
+ANY_WAITING = {lane: f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {where})" for lane, where in _LANE.items()}
+DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+RECORD_REFUSAL = "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1"
+SET_ASIDE = """
+WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+INSERT INTO outbox_set_aside (id, event_id, event_type, correlation_id, request_id, traceparent, body,
+                              created_at, attempts, error)
+SELECT id, event_id, event_type, correlation_id, request_id, traceparent, body, created_at, attempts + 1, $2
+FROM gone
+"""
 
 INSERT_OUTBOX = """
-INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-VALUES ($1, $2, $3, $4, $5::jsonb)
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb)
 """
 
 
@@ -39,30 +72,37 @@ async def add_to_outbox(
     conn: asyncpg.Connection, event: Event, correlation_id: str | None, request_id: str | None
 ) -> None:
     body = event.model_dump(mode="json")
-    await conn.execute(
-        INSERT_OUTBOX, event.event_id, event.event_type, correlation_id, request_id, body  # type: ignore[attr-defined]
-    )
+    await conn.execute(INSERT_OUTBOX, event.event_id, event.event_type,  # type: ignore[attr-defined]
+                       correlation_id, request_id, TRACEPARENT.get(), body)
+
+
+class _Unsettled(Exception):
+    """Some rows of a batch were not confirmed: its transaction is rolled back."""
+
+    def __init__(self, rows: Sequence[asyncpg.Record], verdicts: list[BaseException | None]) -> None:
+        super().__init__("unsettled outbox batch")
+        self.rows, self.verdicts = rows, verdicts
 
 
 class OutboxRelay:
     """Publishes one lane of the outbox. Two lanes run side by side so that a flood of stock
     changes (an ERP import writes one EstoqueAlterado per item) never delays the messages an
-    order waits for; order is kept within a lane, which is all any consumer relies on (per order
-    for commands and answers, per item for stock changes).
+    order waits for.
 
     No NOTIFY wakes the relay: NOTIFY serialises every committing transaction on the server (it
-    takes a global lock at commit), which halved the reservation throughput measured with pgbench.
-    The relay is woken in-process by writers (`wake()`) and otherwise polls an index every
-    POLL_SECONDS, which costs next to nothing when the outbox is empty."""
+    takes a global lock at commit), which halved the reservation throughput measured with pgbench."""
 
     def __init__(self, dsn: str, exchange: AbstractExchange, lane: str) -> None:
         self.dsn = dsn
         self.exchange = exchange
         self.lane = lane
-        self._routed = lane == "orders"
+        self._mandatory = lane == "orders"
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # After a channel closed under a batch, the rows are tried one at a time for a while:
+        # only then is a refusal that closes the channel the fault of one known row.
+        self._one_by_one = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.lane}")
@@ -71,7 +111,7 @@ class OutboxRelay:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Publishes what is already written (if leader), then stops."""
+        """Publishes what is already written, then stops."""
         self._stopping.set()
         self._wake.set()
         if self._task:
@@ -81,73 +121,121 @@ class OutboxRelay:
                 self._task.cancel()
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
+        while True:
             try:
-                await self._lead()
-            except Exception:
-                log.warning("outbox relay interrupted; retrying", exc_info=True)
-                await self._pause(1.0)
-
-    async def _lead(self) -> None:
-        # A connection of its own: the lock lives as long as it does, and the relay never
-        # competes with request handlers for a pooled connection.
-        # A healthy relay talks to the server every POLL_SECONDS; one that hangs is cut off by
-        # the server after a minute, which frees its lock for a stand-in.
-        # Its DELETEs commit without waiting for the WAL flush: a delete lost in a crash only
-        # publishes those events again, which the consumers' inboxes make no-ops; the relay's
-        # next batch no longer waits a disk flush behind the last one.
-        conn = await asyncpg.connect(self.dsn, server_settings={
-            "idle_session_timeout": "60s", "synchronous_commit": "off"})
-        try:
-            lock = RELAY_LOCK + (0 if self._routed else 1)
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
-                # A stand-in: writers' wake-ups are for the leader (trying the lock at each
-                # commit cost a round trip per batch), so only a stop cuts this wait short.
-                if await self._pause(1.0, wakeable=False):
+                # A connection of its own: the relay never competes with request handlers for a
+                # pooled connection. Its commits do not wait for the WAL flush: a delete lost in
+                # a crash only publishes those events again, which the inboxes make no-ops.
+                conn = await asyncpg.connect(self.dsn, server_settings={
+                    "idle_session_timeout": "60s", "synchronous_commit": "off"})
+                try:
+                    await self._serve(conn)
                     return
-            pause = POLL_SECONDS
-            while True:
-                published = await self.flush(conn)
-                if published == BATCH:
-                    continue
+                finally:
+                    await conn.close()
+            except Exception:
                 if self._stopping.is_set():
                     return
-                pause = FIRST_LOOK_SECONDS if published else min(2 * pause, POLL_SECONDS)
-                await self._pause(pause)
-        finally:
-            await conn.close()
+                log.warning("outbox relay interrupted; retrying", extra={"lane": self.lane}, exc_info=True)
+                await self._pause(1.0, wakeable=False)
+
+    async def _serve(self, conn: asyncpg.Connection) -> None:
+        look = True  # at start: rows a process left when it died
+        while True:
+            if look:
+                while await self.flush(conn) == self._limit():
+                    pass
+            if self._stopping.is_set():
+                return
+            look = await self._pause(SWEEP_SECONDS) or await conn.fetchval(
+                ANY_WAITING[self.lane], list(ROUTED_EVENTS))
 
     async def _pause(self, seconds: float, *, wakeable: bool = True) -> bool:
-        """Waits for a wake-up (if `wakeable`), a stop or the timeout. True when stopping."""
+        """Waits for a wake-up (if `wakeable`), a stop or the timeout. True unless timed out."""
         try:
             await asyncio.wait_for((self._wake if wakeable else self._stopping).wait(), timeout=seconds)
         except TimeoutError:
-            pass
-        self._wake.clear()
-        return self._stopping.is_set()
+            return False
+        finally:
+            self._wake.clear()
+        return True
+
+    def _limit(self) -> int:
+        return 1 if self._one_by_one else BATCH
 
     async def flush(self, conn: asyncpg.Connection) -> int:
-        query = SELECT_ROUTED if self._routed else SELECT_UNROUTED
-        rows = await conn.fetch(query, list(ROUTED_EVENTS), BATCH)
-        if not rows:
-            return 0
-        # One write for the batch, in outbox order, then every confirm (see publish_batch).
-        await publish_batch(self.exchange, [self._outgoing(row) for row in rows])
-        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+        """Publishes the next batch; the number of rows taken."""
+        limit = self._limit()
+        try:
+            async with conn.transaction():
+                rows = sorted(await conn.fetch(TAKE[self.lane], list(ROUTED_EVENTS), limit),
+                              key=lambda r: r["id"])
+                if not rows:
+                    return 0
+                verdicts = await publish_each(self.exchange, [self._outgoing(r) for r in rows])
+                if any(v is not None for v in verdicts):
+                    raise _Unsettled(rows, verdicts)
+        except _Unsettled as unsettled:
+            await self._settle(conn, unsettled.rows, unsettled.verdicts)
+        if self._one_by_one:
+            self._one_by_one -= 1
         return len(rows)
+
+    async def _settle(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record],
+                      verdicts: list[BaseException | None]) -> None:
+        """After a batch the broker did not wholly confirm: the confirmed rows are deleted, a
+        row the broker refused counts a try (and is set aside after RETRIES), and the others wait."""
+        alone = len(rows) == 1
+        refused = [(row, v) for row, v in zip(rows, verdicts, strict=True) if v is not None and _refusal(v, alone)]
+        outage = next((v for v in verdicts if v is not None and not _refusal(v, alone)), None)
+        set_aside = [row for row, v in refused if isinstance(v, FrameTooLarge) or row["attempts"] + 1 >= RETRIES]
+        async with conn.transaction():
+            await conn.execute(DELETE, [row["id"] for row, v in zip(rows, verdicts, strict=True) if v is None])
+            for row, verdict in refused:
+                error = f"{type(verdict).__name__}: {verdict}"[:2000]
+                fields = {"lane": self.lane, "event_id": row["event_id"], "error": error}
+                if row in set_aside:
+                    await conn.execute(SET_ASIDE, row["id"], error)
+                    log.error("outbox row set aside: the broker refuses it", extra=fields)
+                else:
+                    await conn.execute(RECORD_REFUSAL, row["id"], error)
+                    log.warning("the broker refused an outbox row", extra=fields)
+        # Counted once committed (a rolled-back settlement is tried again).
+        metrics.OUTBOX_REFUSED.labels(self.lane).inc(len(refused))
+        metrics.OUTBOX_SET_ASIDE.labels(self.lane).inc(len(set_aside))
+        if outage is not None:
+            if isinstance(outage, aiormq.exceptions.AMQPChannelError | aiormq.exceptions.ConnectionClosed) \
+                    and not alone:
+                self._one_by_one = len(rows)  # the channel was closed by something in this batch
+            raise outage  # the relay pauses, then tries again
 
     def _outgoing(self, row: asyncpg.Record) -> Outgoing:
         properties = build_properties(event_id=row["event_id"], event_type=row["event_type"],
-                                      correlation_id=row["correlation_id"], request_id=row["request_id"])
-        return Outgoing(row["body"].encode(), row["event_type"], properties, mandatory=self._routed)
+                                      correlation_id=row["correlation_id"], request_id=row["request_id"],
+                                      traceparent=row["traceparent"])
+        return Outgoing(row["body"].encode(), row["event_type"], properties, mandatory=self._mandatory)
+
+
+def _refusal(verdict: BaseException, alone: bool) -> bool:
+    """Whether the broker refused this message itself (as opposed to being unreachable).
+
+    A return (unroutable), a nack or a frame too large name their message. A channel or
+    connection the broker closes with an error code names none when a batch was in flight, but
+    does when the message went alone. A connection lost, or closed by the broker for its own
+    reasons (CONNECTION_FORCED at a shutdown: plain ConnectionClosed), refuses nothing."""
+    if isinstance(verdict, FrameTooLarge | aiormq.exceptions.DeliveryError):
+        return True
+    closed_by_broker = (
+        isinstance(verdict, aiormq.exceptions.ChannelClosed | aiormq.exceptions.ConnectionClosed)
+        and type(verdict) not in (aiormq.exceptions.ChannelClosed, aiormq.exceptions.ConnectionClosed))
+    return alone and closed_by_broker
 
 
 _RUNNING: list[OutboxRelay] = []
 
 
-def start_relays(dsn: str, exchange: AbstractExchange) -> list[OutboxRelay]:
-    """Both lanes; each leads in at most one process at a time (an advisory lock per lane)."""
-    relays = [OutboxRelay(dsn, exchange, "orders"), OutboxRelay(dsn, exchange, "stock-changes")]
+def start_relays(dsn: str, exchange: AbstractExchange, lanes: Sequence[str] = LANES) -> list[OutboxRelay]:
+    relays = [OutboxRelay(dsn, exchange, lane) for lane in lanes]
     for relay in relays:
         relay.start()
     _RUNNING.extend(relays)
@@ -161,6 +249,27 @@ async def stop_relays(relays: list[OutboxRelay]) -> None:
 
 
 def wake_relays() -> None:
-    """Called by a writer after its commit: publish now instead of at the next poll."""
+    """Called by a writer after its commit: its events leave now, from this process."""
     for relay in _RUNNING:
         relay.wake()
+
+
+
+# ----- rows set aside (`dlq outbox`, `dlq resend`) ------------------------------------------------
+LIST_SET_ASIDE = """
+SELECT id, event_id::text, event_type, correlation_id, left(request_id, 200) AS request_id, attempts, error,
+       set_aside_at, length(body::text) AS body_bytes
+FROM outbox_set_aside ORDER BY id LIMIT $1
+"""
+# Back into the outbox as new rows (tries start again); a relay takes them at its next look.
+RESEND_SET_ASIDE = """
+WITH back AS (
+    DELETE FROM outbox_set_aside
+    WHERE id IN (SELECT id FROM outbox_set_aside WHERE $1::bigint[] IS NULL OR id = ANY($1::bigint[])
+                 ORDER BY id LIMIT $2)
+    RETURNING *
+)
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body, created_at)
+SELECT event_id, event_type, correlation_id, request_id, traceparent, body, created_at FROM back ORDER BY id
+RETURNING id
+"""

@@ -5,13 +5,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvloop
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 
+from shared.broker import open_broker
 from shared.db import create_pool
 from shared.health import broker_check, database_check
 from shared.logs import configure_logging
-from shared.messaging import connect, declare_topology
-from shared.outbox import start_relays, stop_relays
+from shared.outbox import start_relays, stop_relays, wake_relays
 from shared.settings import get_settings
 from shared.web import create_app, serve
 from stock import worker
@@ -26,33 +26,41 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     app.state.admin_token = settings.resolved_admin_token()
     app.state.pool = pool = await create_pool(settings.stock_database_url, settings.db_pool_size)
-    app.state.amqp = amqp = await connect(settings.stock_amqp_url)
-    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await declare_topology(channel, settings.delivery_limit)
+    app.state.broker = broker = await open_broker(
+        settings.stock_amqp_url, delivery_limit=settings.delivery_limit, prefetch=settings.prefetch_count,
+        name="stock-api")
     # Admin changes write EstoqueAlterado to the outbox; the API relays too, so they leave even
     # when no worker runs (one relay leads at a time, whichever process it is in).
-    relays = start_relays(settings.stock_database_url, exchange) if settings.outbox_relay else []
+    relays = start_relays(settings.stock_database_url, broker.exchange) if settings.outbox_relay else []
     app.state.feed = StockFeed(pool)
     app.state.sse_ping = settings.sse_ping_seconds
-    await app.state.feed.start(channel)
+    await app.state.feed.start(broker.channel)
     try:
         yield
     finally:
         await stop_relays(relays)
-        await amqp.close()
+        await broker.close()
         await pool.close()
 
 
 def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
-    return {"database": database_check(app.state.pool), "broker": broker_check(app.state.amqp)}
+    return {"database": database_check(app.state.pool), "broker": broker_check(app.state.broker)}
 
 
 def create() -> FastAPI:
     app = create_app(service="stock", title="Stock", lifespan=lifespan, readiness=readiness,
                      body_types={"/stock/import": IMPORT_TYPES},
                      body_limits={"/stock/import": get_settings().import_max_bytes})
-    app.include_router(router)
+    app.include_router(router, dependencies=[Depends(wake_relays_after_writes)])
     return app
+
+
+async def wake_relays_after_writes(request: Request) -> AsyncIterator[None]:
+    """Stock changes written by a request leave from this process's relay as soon as the handler
+    (and its transaction) is done, instead of at the relay's slow look."""
+    yield
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        wake_relays()
 
 
 def run_api() -> None:

@@ -1,8 +1,12 @@
-"""`dlq`: list, inspect and re-publish dead letters.
+"""`dlq`: dead letters of the queues, and outbox rows the broker refused.
 
-    dlq list [QUEUE]              counts of every .dlq queue (or one)
-    dlq show QUEUE [-n N]         the first N dead letters of QUEUE.dlq, with their reason
-    dlq requeue QUEUE [-n N]      moves up to N dead letters back to the exchange they came from
+    dlq list [QUEUE]                  counts of every .dlq queue (or one)
+    dlq show QUEUE [-n N]             the first N dead letters of QUEUE.dlq, with their reason
+    dlq requeue QUEUE [-n N]          moves up to N dead letters back to the exchange they came from
+    dlq outbox SERVICE [-n N]         outbox rows of SERVICE (orders, stock) set aside by its relay
+    dlq resend SERVICE [--id ID] [-n N]
+                                      puts set-aside rows (all, up to N, or those given) back
+                                      into the outbox: the relays publish them again
 
 QUEUE is a work queue name (`stock.orders`, `orders.status`). Inspecting does not consume:
 messages are fetched and returned (nack with requeue)."""
@@ -13,9 +17,14 @@ import json
 import sys
 
 import aio_pika
+import asyncpg
 
+from shared.broker import broker_urls
 from shared.messaging import EXCHANGE, QUEUES
+from shared.outbox import LIST_SET_ASIDE, RESEND_SET_ASIDE
 from shared.settings import get_settings
+
+SERVICES = ("orders", "stock")
 
 
 async def _queue(channel: aio_pika.abc.AbstractChannel, name: str) -> aio_pika.abc.AbstractQueue:
@@ -66,8 +75,16 @@ async def _requeue(channel: aio_pika.abc.AbstractChannel, name: str, limit: int)
     print(f"re-published {moved} message(s) from {name}.dlq")
 
 
-async def _main(args: argparse.Namespace) -> None:
-    connection = await aio_pika.connect(get_settings().amqp_url)
+async def _queues(args: argparse.Namespace) -> None:
+    # The first broker of the list that answers (a plain connection: this is a one-shot tool).
+    urls = broker_urls(get_settings().amqp_url)
+    for i, url in enumerate(urls):
+        try:
+            connection = await aio_pika.connect(url)
+            break
+        except (OSError, aio_pika.exceptions.AMQPConnectionError):
+            if i == len(urls) - 1:
+                raise
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         if args.command == "list":
@@ -78,16 +95,42 @@ async def _main(args: argparse.Namespace) -> None:
             await _requeue(channel, args.queue, args.n)
 
 
+async def _outbox(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    dsn = settings.orders_database_url if args.service == "orders" else settings.stock_database_url
+    conn = await asyncpg.connect(dsn)
+    try:
+        if args.command == "outbox":
+            for row in await conn.fetch(LIST_SET_ASIDE, args.n):
+                print(json.dumps(dict(row), default=str))
+        else:
+            ids = await conn.fetch(RESEND_SET_ASIDE, args.id or None, args.n)
+            print(f"put {len(ids)} row(s) back into the {args.service} outbox")
+    finally:
+        await conn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="dlq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["list", "show", "requeue"])
-    parser.add_argument("queue", nargs="?", choices=list(QUEUES))
-    parser.add_argument("-n", type=int, default=10)
+    parser.add_argument("command", choices=["list", "show", "requeue", "outbox", "resend"])
+    parser.add_argument("target", nargs="?", metavar="QUEUE|SERVICE", choices=[*QUEUES, *SERVICES])
+    parser.add_argument("-n", type=int, default=None)
+    parser.add_argument("--id", type=int, action="append", help="a set-aside row's id (repeatable)")
     args = parser.parse_args()
-    if args.command != "list" and not args.queue:
-        parser.error("show and requeue need a QUEUE")
-    asyncio.run(_main(args))
+    if args.command in ("outbox", "resend"):
+        if args.target not in SERVICES:
+            parser.error(f"{args.command} needs a SERVICE: {', '.join(SERVICES)}")
+        args.service = args.target
+        args.n = args.n or (1000 if args.command == "resend" else 100)
+        asyncio.run(_outbox(args))
+    else:
+        if args.target is not None and args.target not in QUEUES:
+            parser.error(f"QUEUE is one of {', '.join(QUEUES)}")
+        if args.command != "list" and not args.target:
+            parser.error("show and requeue need a QUEUE")
+        args.queue, args.n = args.target, args.n or 10
+        asyncio.run(_queues(args))
     sys.exit(0)
 
 

@@ -15,12 +15,12 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import PublishError
 
+from shared.broker import declare_topology
 from shared.messaging import (
     EXCHANGE,
     Outgoing,
     build_message,
     build_properties,
-    declare_topology,
     publish_batch,
 )
 from shared.settings import Settings
@@ -83,8 +83,10 @@ async def take(queue: AbstractQueue, count: int, timeout: float = 15) -> list[ai
     return got
 
 
-async def test_a_batch_arrives_in_order_with_every_property(channel: AbstractChannel) -> None:
-    exchange = await declare_topology(channel, delivery_limit=5)
+async def test_a_batch_arrives_in_order_with_every_property(
+    amqp: AbstractRobustConnection, channel: AbstractChannel,
+) -> None:
+    exchange = await declare_topology(amqp, channel, delivery_limit=5)
     queue = await changes_queue(channel)
     big = b'{"pad": "' + b"x" * 300_000 + b'"}'  # more than one frame (frame_max is 128 KiB)
     batch = [outgoing(UNROUTED, b'{"n": %d}' % i, False, request_id=f"req-{i}") for i in range(300)]
@@ -109,9 +111,9 @@ async def test_a_batch_arrives_in_order_with_every_property(channel: AbstractCha
 
 
 async def test_a_mandatory_message_no_queue_takes_fails_the_batch_and_the_channel_goes_on(
-    channel: AbstractChannel,
+    amqp: AbstractRobustConnection, channel: AbstractChannel,
 ) -> None:
-    exchange = await declare_topology(channel, delivery_limit=5)
+    exchange = await declare_topology(amqp, channel, delivery_limit=5)
     queue = await changes_queue(channel)
     lost = outgoing("NoSuchEvent", b"{}", True)
     with pytest.raises(PublishError):

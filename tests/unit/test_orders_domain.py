@@ -28,6 +28,7 @@ MOVES: dict[tuple[Status, str], Status] = {
     (Status.PENDING, "EstoqueReservado"): Status.RESERVED,
     (Status.PENDING, "EstoqueNaoDisponivel"): Status.REJECTED,
     (Status.CONFIRMING, "EstoqueBaixado"): Status.CONFIRMED,
+    (Status.PENDING, "ReservaExpirada"): Status.EXPIRED,  # it overtook its EstoqueReservado
     (Status.RESERVED, "ReservaExpirada"): Status.EXPIRED,
     (Status.CONFIRMING, "ReservaExpirada"): Status.EXPIRED,
 }

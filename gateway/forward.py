@@ -6,9 +6,8 @@ retried, since the upstream may have acted on the request. Failures become probl
 503 (no instance reachable), 504 (no answer in time), 502 (anything else broke)."""
 
 import itertools
-import math
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -31,9 +30,11 @@ class Upstream:
         return self.urls[start:] + self.urls[:start]
 
 
-def new_session() -> aiohttp.ClientSession:
-    # Idle pooled connections close before the services' keep-alive (75 s) does: see serve().
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+def new_session(max_connections: int) -> aiohttp.ClientSession:
+    """Upstream connections are bounded like client ones (a forwarded request holds at most one):
+    past the bound, a request waits for one up to the connect timeout, then is answered 503.
+    Idle pooled connections close before the services' keep-alive (75 s) does: see serve()."""
+    connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300, keepalive_timeout=60)
     # No cookie jar: a proxy must not keep one client's cookies and send them for the next.
     return aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                  cookie_jar=aiohttp.DummyCookieJar())
@@ -47,12 +48,10 @@ class Timeouts:
         self.seconds = seconds
         self.default = self._client(seconds)
 
-    def of(self, path: str, query: bytes, streaming: bool) -> tuple[float, aiohttp.ClientTimeout]:
-        seconds = self.seconds
+    def of(self, path: str, wait: float, streaming: bool) -> tuple[float, aiohttp.ClientTimeout]:
+        seconds = self.seconds + wait
         if path == "/stock/import":
             seconds = max(seconds, BULK_TIMEOUT)  # a whole ERP file is one transaction
-        if not streaming and b"wait=" in query:
-            seconds += _wait_seconds(query)
         if streaming:
             return seconds, aiohttp.ClientTimeout(total=None, connect=min(seconds, 3.0))
         if seconds == self.seconds:
@@ -64,19 +63,8 @@ class Timeouts:
         return aiohttp.ClientTimeout(total=seconds, connect=min(seconds, 3.0))
 
 
-def _wait_seconds(query: bytes) -> float:
-    """The long-poll's `wait` (the last one, as the services read it), clamped to 0–30 s;
-    anything that is not a finite number adds nothing (the upstream answers 422 for it)."""
-    values = [v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == "wait"]
-    try:
-        seconds = float(values[-1]) if values else 0.0
-    except ValueError:
-        return 0.0
-    return min(max(seconds, 0.0), 30.0) if math.isfinite(seconds) else 0.0
-
-
 async def open_response(
-    session: aiohttp.ClientSession, upstream: Upstream, method: str, target: str, body: bytes,
+    session: aiohttp.ClientSession, upstream: Upstream, method: str, target: str, body: Any,
     headers: CIMultiDict[str], timeout: tuple[float, aiohttp.ClientTimeout],
 ) -> aiohttp.ClientResponse:
     """Sends the request to the first reachable URL of `upstream`; returns the response with
@@ -90,6 +78,11 @@ async def open_response(
             return await _send(session, method, url, body, headers, client_timeout)
         except aiohttp.ClientConnectorError:
             continue  # refused: try the next URL
+        except aiohttp.ConnectionTimeoutError:
+            # No pooled connection came free (or no connection was made) in time: nothing was
+            # sent, the client may retry.
+            raise Problem(503, f"{upstream.name} is busy; retry shortly",
+                          headers={"Retry-After": "1"}) from None
         except TimeoutError:
             raise Problem(504, f"{upstream.name} did not answer within {seconds:g} s") from None
         except aiohttp.ClientError as exc:
@@ -98,7 +91,7 @@ async def open_response(
 
 
 async def _send(
-    session: aiohttp.ClientSession, method: str, url: URL, body: bytes, headers: CIMultiDict[str],
+    session: aiohttp.ClientSession, method: str, url: URL, body: Any, headers: CIMultiDict[str],
     timeout: aiohttp.ClientTimeout,
 ) -> aiohttp.ClientResponse:
     """One request; an idempotent one is sent again once if a pooled connection turned out to

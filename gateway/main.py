@@ -28,7 +28,7 @@ FORWARDED = ("/orders", "/stores", "/stock")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     proxy: Proxy = app.state.proxy
-    app.state.session = proxy.session = new_session()
+    app.state.session = proxy.session = new_session(get_settings().max_connections)
     app.state.merged_openapi = None
     loader = asyncio.create_task(_load_openapi(app))
     try:
@@ -91,8 +91,7 @@ def create() -> Proxy:
         "orders": Upstream("orders", settings.orders_upstreams),
         "stock": Upstream("stock", settings.stock_upstreams),
     }
-    app.state.proxy = Proxy(app, app.state.upstreams["orders"], app.state.upstreams["stock"],
-                            settings.upstream_timeout_seconds, settings.import_max_bytes)
+    app.state.proxy = Proxy(app, app.state.upstreams["orders"], app.state.upstreams["stock"], settings)
     asyncapi = asyncapi_document()
 
     @app.get("/asyncapi.json", include_in_schema=False)

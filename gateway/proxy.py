@@ -3,27 +3,28 @@ FastAPI's routing, dependency solving and middleware stack (profiled at ~2/3 of 
 CPU per forwarded request). Everything else (health, metrics, docs, OpenAPI) goes on to the
 FastAPI app.
 
-What the shared middlewares of shared/web.py do for FastAPI routes is done here by hand, in one
-pass: the request id (as asgi-correlation-id), the body limit (as RequestGuard; the Content-Type
-is left to the upstreams), the Prometheus metrics (same names, same route labels as when these
-were FastAPI routes) and problem+json for every error of our own."""
+The edge rules (shared/edge.py) are applied here in one pass: the request id, the body limit
+(the Content-Type is left to the upstreams), the caps on long-polls and event streams, the
+Prometheus metrics (same names, same route labels as when these were FastAPI routes) and
+problem+json for every error of our own. `/stock/import` alone is streamed to the stock API
+instead of buffered: it checks the admin token before it reads a byte of the body."""
 
 import asyncio
+import contextlib
 import logging
-import time
 from urllib.parse import quote
 
 import aiohttp
-from asgi_correlation_id import correlation_id
 from multidict import CIMultiDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.forward import Timeouts, Upstream, open_response, read_body
-from gateway.reply import Metrics, Reply
+from gateway.reply import Reply
+from gateway.upload import Upload
 from shared import edge
-from shared.edge import hides_dot_or_slash
+from shared.edge import Capacity, hides_dot_or_slash
 from shared.problems import Problem
-from shared.web import MAX_BODY_BYTES
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,19 @@ FROM_UPSTREAM_DROPPED = HOP_BY_HOP | {b"date", b"server"}
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 ALLOW = ", ".join(sorted(METHODS))
 CLIENT_GONE = 499  # nginx's status for "the client closed the request": not our failure
+IMPORT_PATH = "/stock/import"
 
 
 class Proxy:
-    def __init__(self, app: ASGIApp, orders: Upstream, stock: Upstream, timeout: float,
-                 import_max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, orders: Upstream, stock: Upstream, settings: Settings) -> None:
         self.app = app  # the FastAPI app: everything that is not forwarded
         self.orders = orders
         self.stock = stock
-        self.timeouts = Timeouts(timeout)
-        self.import_max_bytes = import_max_bytes
-        self.metrics = Metrics()
+        self.timeouts = Timeouts(settings.upstream_timeout_seconds)
+        self.import_max_bytes = settings.import_max_bytes
+        self.long_polls = Capacity("long-polls", settings.max_long_polls)
+        self.streams = Capacity("event streams", settings.max_feed_streams)
+        self.metrics = edge.RouteMetrics("gateway")
         self.session: aiohttp.ClientSession | None = None  # opened by the app's lifespan
 
     def route(self, scope: Scope) -> tuple[str, Upstream | None] | None:
@@ -56,9 +59,9 @@ class Proxy:
         had as FastAPI routes, so dashboards keep working. None: not forwarded (the FastAPI app's);
         no upstream: refused with 404, since an upstream would resolve the path to another one
         than the one matched here (/orders/%252e%252e/metrics is the orders' own /metrics)."""
-        if hides_dot_or_slash(_raw_path(scope)):
-            return "unmatched", None
         path: str = scope["path"]
+        if hides_dot_or_slash(_raw_path(scope)) or edge.has_control(path):
+            return "unmatched", None
         if path.startswith("/orders"):
             if path == "/orders":
                 return "/orders", self.orders
@@ -75,23 +78,25 @@ class Proxy:
         if routed is None:
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
         label, upstream = routed
         request_id, headers, length = _split_headers(scope["headers"])
-        correlation_id.set(request_id.decode("latin-1"))  # for the log lines of this request
+        context = edge.enter(request_id)
         reply = Reply(send, request_id)
         try:
             if upstream is None:
                 raise Problem(404, "no such resource")
             await self._forward(scope, receive, reply, upstream, headers, length)
         except Problem as problem:
-            await reply.problem(problem)
+            if reply.status is None:
+                await reply.problem(problem)
         except Exception:
             log.exception("unhandled error")
             if reply.status is None:
                 await reply.problem(Problem(500, "internal error; the request id is in the logs"))
+        finally:
+            context.close()
         status = reply.status or CLIENT_GONE
-        self.metrics.observe(scope["method"], label, status, time.perf_counter() - started)
+        self.metrics.observe(scope["method"], label, status, context.elapsed())
 
     async def _forward(self, scope: Scope, receive: Receive, reply: Reply, upstream: Upstream,
                        headers: CIMultiDict[str], length: bytes | None) -> None:
@@ -99,42 +104,71 @@ class Proxy:
         if method not in METHODS:
             raise Problem(405, "Method Not Allowed", headers={"Allow": ALLOW})
         path: str = scope["path"]
-        body = await self._body(receive, path, length)
-        if body is None:
-            return  # the client left while sending; nobody to answer
         query: bytes = scope["query_string"]
         streaming = path.endswith("/events")
-        assert self.session is not None, "the lifespan opens the session before any request"
-        upstream_response = await open_response(
-            self.session, upstream, method, _target(scope, query), body, headers,
-            self.timeouts.of(path, query, streaming))
-        reply_headers = [(name, value) for name, value in upstream_response.raw_headers
-                         if name.lower() not in FROM_UPSTREAM_DROPPED]
-        if streaming and upstream_response.status == 200:
-            await _stream(reply, reply_headers, upstream_response, receive)
-            return
-        content = await read_body(upstream_response)
-        await reply.send(upstream_response.status, reply_headers, content)
+        wait = _long_poll_wait(query) if method == "GET" and not streaming else 0.0
+        with self._held(streaming, wait):
+            if path == IMPORT_PATH and method == "POST":
+                await self._upload(scope, receive, reply, upstream, headers, length)
+                return
+            edge.check_length(length, edge.MAX_BODY_BYTES)
+            body = await edge.read_body(receive, edge.MAX_BODY_BYTES)
+            if body is None:
+                return  # the client left while sending; nobody to answer
+            upstream_response = await self._open(scope, upstream, body, headers, wait, streaming)
+            reply_headers = _reply_headers(upstream_response)
+            if streaming and upstream_response.status == 200:
+                await _stream(reply, reply_headers, upstream_response, receive)
+                return
+            content = await read_body(upstream_response)
+            await reply.send(upstream_response.status, reply_headers, content)
 
-    async def _body(self, receive: Receive, path: str, length: bytes | None) -> bytes | None:
-        """The whole request body, refused with 413 past the limit: at once on Content-Length,
-        else while it streams in (the header may be absent or lie). None: the client left."""
-        limit = self.import_max_bytes if path.startswith("/stock/import") else MAX_BODY_BYTES
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise _too_large(limit)
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:
-                raise _too_large(limit)
-            if not message.get("more_body", False):
-                return b"".join(chunks) + chunk if chunks else chunk
-            chunks.append(chunk)
+    def _held(self, streaming: bool, wait: float) -> contextlib.AbstractContextManager[None]:
+        """A slot of the long-poll or event-stream cap for the request's time, if it is one."""
+        if streaming:
+            return self.streams.slot()
+        if wait > 0:
+            return self.long_polls.slot()
+        return contextlib.nullcontext()
+
+    async def _open(self, scope: Scope, upstream: Upstream, body: object, headers: CIMultiDict[str],
+                    wait: float, streaming: bool) -> aiohttp.ClientResponse:
+        assert self.session is not None, "the lifespan opens the session before any request"
+        path: str = scope["path"]
+        return await open_response(
+            self.session, upstream, scope["method"], _target(scope, scope["query_string"]), body,
+            headers, self.timeouts.of(path, wait, streaming))
+
+    async def _upload(self, scope: Scope, receive: Receive, reply: Reply, upstream: Upstream,
+                      headers: CIMultiDict[str], length: bytes | None) -> None:
+        """The import, streamed: the stock API answers 401/403 before it reads the body, and so
+        the gateway neither buffers nor even receives one without the admin token."""
+        if length is not None and length.isdigit() and len(length) < 16:
+            headers["Content-Length"] = length.decode()  # lets the stock API refuse it at once
+        upload = Upload(receive, self.import_max_bytes)
+        try:
+            upstream_response = await self._open(scope, upstream, upload.chunks(), headers, 0.0, False)
+        except Problem:
+            if upload.too_large:
+                raise edge.too_large(self.import_max_bytes) from None
+            if upload.client_left:
+                return
+            raise
+        content = await read_body(upstream_response)
+        await reply.send(upstream_response.status, _reply_headers(upstream_response), content)
+
+
+def _reply_headers(upstream_response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in upstream_response.raw_headers
+            if name.lower() not in FROM_UPSTREAM_DROPPED]
+
+
+def _long_poll_wait(query: bytes) -> float:
+    """The seconds a long-poll may wait; 0 for a `wait` the upstream will answer 422 for."""
+    try:
+        return edge.wait_seconds(edge.query_wait(query))
+    except Problem:
+        return 0.0
 
 
 def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, CIMultiDict[str], bytes | None]:
@@ -167,10 +201,6 @@ def _target(scope: Scope, query: bytes) -> str:
     without re-quoting): the upstream decodes them once, to the path matched here."""
     path = _raw_path(scope).decode("latin-1")
     return f"{path}?{query.decode('latin-1')}" if query else path
-
-
-def _too_large(limit: int) -> Problem:
-    return Problem(413, f"request body is larger than {limit // 1024 // 1024} MiB")
 
 
 async def _stream(reply: Reply, headers: list[tuple[bytes, bytes]],

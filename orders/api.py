@@ -11,6 +11,7 @@ from orders import db, service
 from orders.domain import UNSETTLED, Refused, Status
 from orders.models import NO_NUL, Order, OrderIn, OrderPage
 from orders.waiters import StatusWaiters
+from shared import edge
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
 from shared.web import JSONResponse
@@ -52,21 +53,34 @@ async def create_order(
 async def get_order(
     order_id: OrderId,
     request: Request,
-    wait: Annotated[float, Query(ge=0, le=30, description="long-poll: seconds to wait while pending/confirming")] = 0,
+    wait: Annotated[str | None, Query(
+        description="long-poll: seconds (0-30) to wait while pending/confirming",
+        json_schema_extra={"type": "number", "minimum": 0, "maximum": edge.MAX_WAIT_SECONDS})] = None,
 ) -> JSONResponse:
+    seconds = edge.wait_seconds(wait)
     pool = _pool(request)
     order = await db.fetch_order(pool, order_id)
     if order is None:
         raise Problem(404, f"order {order_id} does not exist")
-    if wait > 0:
-        order = await wait_for_change(pool, request.app.state.waiters, order, wait)
+    if seconds > 0:
+        order = await wait_for_change(pool, request.app.state.waiters, order, seconds)
     return JSONResponse(order)
 
 
 async def wait_for_change(
     pool: Any, waiters: StatusWaiters, order: dict[str, Any], wait: float
 ) -> dict[str, Any]:
-    """Long-poll: `order` as just read, or as it is once its status changed or `wait` ran out."""
+    """Long-poll: `order` as just read, or as it is once its status changed or `wait` ran out.
+    At most MAX_LONG_POLLS at once per process (503 beyond), whichever lane asked."""
+    if order["status"] not in UNSETTLED:
+        return order
+    with waiters.capacity.slot():
+        return await _wait_for_change(pool, waiters, order, wait)
+
+
+async def _wait_for_change(
+    pool: Any, waiters: StatusWaiters, order: dict[str, Any], wait: float
+) -> dict[str, Any]:
     order_id = uuid.UUID(order["order_id"])
     deadline = asyncio.get_running_loop().time() + wait
     while order["status"] in UNSETTLED:
@@ -110,6 +124,8 @@ async def list_orders(
 
 def _read_cursor(values: list[Any]) -> tuple[datetime, uuid.UUID]:
     raw_time, raw_id = values
+    if not isinstance(raw_time, str) or not isinstance(raw_id, str):
+        raise TypeError("not a time and an order id")
     after = datetime.fromisoformat(raw_time)
     if after.tzinfo is None:
         raise ValueError("naive time")

@@ -10,32 +10,28 @@ header or query, an Idempotency-Key, any other route — is handed to the full a
 body already read is replayed), so every error answer still comes from one place and the two
 lanes cannot disagree about what is valid."""
 
-import math
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
-from urllib.parse import parse_qsl
 
 import orjson
-from asgi_correlation_id import correlation_id
 from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from orders import api, db
 from shared import edge
-from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from shared.web import MAX_BODY_BYTES
+from shared.problems import Problem
 
-ORDER_PATH = re.compile(r"^/orders/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+ORDER_PATH = re.compile(r"/orders/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class FastLane:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
+        self.metrics = edge.RouteMetrics("orders")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -43,7 +39,7 @@ class FastLane:
             if method == "POST" and path == "/orders":
                 await self._create(scope, receive, send)
                 return
-            if method == "GET" and (match := ORDER_PATH.match(path)):
+            if method == "GET" and (match := ORDER_PATH.fullmatch(path)):
                 await self._get(scope, receive, send, match.group(1))
                 return
         await self.app(scope, receive, send)
@@ -52,7 +48,7 @@ class FastLane:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
         plain = (
-            length.isdigit() and int(length) <= MAX_BODY_BYTES
+            length.isdigit() and len(length) < 12 and int(length) <= edge.MAX_BODY_BYTES
             and headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"application/json"
             and b"idempotency-key" not in headers and b"transfer-encoding" not in headers
         )
@@ -77,7 +73,7 @@ class FastLane:
         await self._answer(scope, send, "/orders", headers, answer)
 
     async def _get(self, scope: Scope, receive: Receive, send: Send, raw_id: str) -> None:
-        wait = _wait_seconds(scope["query_string"])
+        wait = _plain_wait(scope["query_string"])
         if wait is None:
             await self.app(scope, receive, send)
             return
@@ -90,7 +86,7 @@ class FastLane:
                 return 0, b"", []  # the full app writes the 404
             if wait > 0:
                 order = await api.wait_for_change(state.pool, state.waiters, order, wait)
-            return 200, orjson.dumps(order), JSON_HEADERS
+            return 200, orjson.dumps(order), [*JSON_HEADERS]
 
         if not await self._answer(scope, send, "/orders/{order_id}", dict(scope["headers"]), answer):
             await self.app(scope, receive, send)
@@ -101,9 +97,7 @@ class FastLane:
     ) -> bool:
         """Runs `answer` with the request id set and the request counted, as the full app's
         middleware would. False: `answer` declined (status 0) and nothing was sent."""
-        started = time.perf_counter()
-        request_id = edge.request_id(headers.get(b"x-request-id")).decode("latin-1")
-        token = correlation_id.set(request_id)
+        context = edge.enter(edge.request_id(headers.get(b"x-request-id")))
         try:
             status, body, extra = await answer()
         except Exception as exc:  # noqa: BLE001 - answered by the app's own exception handlers
@@ -111,14 +105,11 @@ class FastLane:
             status, body = response.status_code, response.body
             extra = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
         finally:
-            correlation_id.reset(token)
+            context.close()
         if status == 0:
             return False
-        await send({"type": "http.response.start", "status": status, "headers": [
-            *extra, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]})
-        await send({"type": "http.response.body", "body": body})
-        HTTP_REQUESTS.labels("orders", scope["method"], route, str(status)).inc()
-        HTTP_LATENCY.labels("orders", route).observe(time.perf_counter() - started)
+        await edge.send_answer(send, status, extra, body, context.request_id)
+        self.metrics.observe(scope["method"], route, status, context.elapsed())
         return True
 
 
@@ -164,15 +155,13 @@ def _replay(body: bytes, messages: list[Message], receive: Receive) -> Receive:
     return replay
 
 
-def _wait_seconds(query: bytes) -> float | None:
-    """0 without a query, the value of a lone plain `wait=`; None: let the full app decide."""
+def _plain_wait(query: bytes) -> float | None:
+    """0 without a query, the value of a lone valid `wait=`; None: let the full app decide."""
     if not query:
         return 0.0
-    params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    if len(params) != 1 or params[0][0] != "wait":
+    if not query.startswith(b"wait=") or b"&" in query:
         return None
     try:
-        wait = float(params[0][1])
-    except ValueError:
+        return edge.wait_seconds(edge.query_wait(query))
+    except Problem:
         return None
-    return wait if math.isfinite(wait) and 0 <= wait <= 30 else None

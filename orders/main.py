@@ -41,7 +41,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.broker = broker = await open_broker(
         settings.orders_amqp_url, delivery_limit=settings.delivery_limit, prefetch=settings.prefetch_count,
         name="orders")
-    app.state.waiters = waiters = StatusWaiters(pool)
+    app.state.waiters = waiters = StatusWaiters(pool, settings.max_long_polls)
     waiters.start()
     batcher: Batcher[consumer.Pending] = Batcher(
         consumer.apply_pending(pool, on_applied=waiters.changed),

@@ -12,14 +12,17 @@ from collections.abc import Iterable
 
 import asyncpg
 
+from shared.edge import Capacity
+
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 STATUSES = "SELECT order_id::text AS order_id, status FROM orders WHERE order_id = ANY($1::uuid[])"
 
 
 class StatusWaiters:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, max_waiting: int) -> None:
         self.pool = pool
+        self.capacity = Capacity("long-polls", max_waiting)
         self._waiting: dict[str, dict[asyncio.Future[None], str]] = defaultdict(dict)
         self._task: asyncio.Task[None] | None = None
 

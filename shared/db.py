@@ -2,7 +2,9 @@
 
 import asyncio
 import logging
+from contextvars import ContextVar
 from importlib.resources.abc import Traversable
+from typing import Any
 
 import asyncpg
 import orjson
@@ -26,6 +28,30 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.TargetServerAttributeNotMatched,
 )
+
+
+# Set for the time of an HTTP request (shared/edge.py): how long it may wait for a connection.
+# Unset (consumers, relays, sweeps): they wait as long as it takes, as before.
+acquire_timeout: ContextVar[float | None] = ContextVar("acquire_timeout", default=None)
+
+
+class PoolBusy(Exception):
+    """No database connection came free in time: answered 503, the client retries."""
+
+
+class Pool(asyncpg.Pool):
+    """asyncpg's pool; while `acquire_timeout` is set, waiting for a connection is bounded."""
+
+    __slots__ = ()
+
+    async def _acquire(self, timeout: float | None) -> Any:
+        limit = acquire_timeout.get()
+        if timeout is not None or limit is None:
+            return await super()._acquire(timeout)
+        try:
+            return await super()._acquire(limit)
+        except TimeoutError:
+            raise PoolBusy(f"no database connection came free within {limit:g} s") from None
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -55,8 +81,11 @@ async def create_pool(dsn: str, size: int = 10) -> asyncpg.Pool:
         before_sleep=lambda s: log.warning("database not reachable yet; retrying"),
     ):
         with attempt:
-            return await asyncpg.create_pool(
-                dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=30,
+            return await Pool(  # asyncpg.create_pool's own defaults, with our pool class
+                dsn, min_size=1, max_size=size, max_queries=50000,
+                max_inactive_connection_lifetime=300.0, loop=None,
+                connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                init=_init_connection, command_timeout=30,
                 # No RESET ALL / UNLISTEN round trip at every release: nothing here changes
                 # session state on a pooled connection (all advisory locks are transaction-level).
                 reset=_no_reset,

@@ -23,6 +23,6 @@ def decode_cursor(cursor: str, read: Callable[[list[Any]], T]) -> T:
         if not isinstance(values, list):
             raise ValueError("not a list")  # noqa: TRY004 - caught below: a bad cursor is 422
         return read(values)
-    except (ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, AttributeError, orjson.JSONDecodeError):
         raise Problem(422, "cursor is not one this service issued",
                       errors=[{"loc": "query.cursor", "msg": "invalid cursor"}]) from None

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     # Retention (shared/retention.py): how often one process per service deletes what is due.
     retention_interval_seconds: float = 600
     retention_batch_size: int = 1000
+    # Capacity of each process (API.md §1): beyond, 503 with Retry-After. The gateway's pool of
+    # upstream connections is bounded by max_connections too (one per client request at most).
+    max_connections: int = 4096
+    max_long_polls: int = 10000
+    max_feed_streams: int = 1000
 
     @property
     def orders_upstreams(self) -> list[str]:

@@ -1,16 +1,14 @@
-"""The HTTP shell every service shares: problem+json errors, request guards, request ids,
-health and Prometheus metrics. Services add their routers and readiness checks."""
+"""The HTTP shell every service shares: the edge rules (shared/edge.py) for FastAPI routes,
+problem+json errors, health and Prometheus metrics. Services add their routers and readiness
+checks."""
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 import orjson
-import uvicorn
-from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
@@ -19,18 +17,17 @@ from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared import metrics
-from shared.edge import valid_request_id
-from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from shared import edge, edge_server, metrics
+from shared.db import PoolBusy
+from shared.edge import MAX_BODY_BYTES
 from shared.openapi import with_problems
-from shared.problems import Problem, problem_response, raw_problem
-from shared.runtime import tune_gc
+from shared.problems import Problem, problem_response
+from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
+__all__ = ["MAX_BODY_BYTES", "JSONResponse", "create_app", "serve"]
 
-MAX_BODY_BYTES = 1024 * 1024
 JSON_TYPES = ("application/json",)
-
 
 ReadinessCheck = Callable[[], Awaitable[None]]
 
@@ -42,102 +39,78 @@ class JSONResponse(StarletteJSONResponse):
         return orjson.dumps(content)
 
 
-class RequestGuard:
-    """Refuses, before any handler runs, bodies over 1 MiB (413) and bodies whose
-    Content-Type the route does not take (415). Counts streamed bytes too, since
-    Content-Length may be absent or lie."""
+class Edge:
+    """The edge rules of shared/edge.py for the FastAPI routes, in one pass: the request id
+    (answered, logged, put on outbox rows), bodies over the limit (413, counted as they stream in,
+    since Content-Length may be absent or lie), a Content-Type the route does not take (415), and
+    the metrics, by route template (never by raw path: ids would explode it)."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        body_types: dict[str, tuple[str, ...]] | None,
-        body_limits: dict[str, int] | None = None,
-    ) -> None:
+    def __init__(self, app: ASGIApp, service: str, body_types: dict[str, tuple[str, ...]] | None,
+                 body_limits: dict[str, int] | None, auth_first: frozenset[str]) -> None:
         self.app = app
-        # path prefix -> its own size limit (a bulk import is larger than any JSON request)
-        self.body_limits = body_limits or {}
-        # path prefix -> accepted media types (default JSON); None: the size check only
+        self.metrics = edge.RouteMetrics(service)
+        # exact path -> accepted media types (default JSON); None: no media type check at all
         self.body_types = body_types
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        limit = next((n for p, n in self.body_limits.items() if scope["path"].startswith(p)), MAX_BODY_BYTES)
-        too_large = f"request body is larger than {limit // 1024 // 1024} MiB"
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await _answer(send, 413, too_large)
-            return
-        has_body = length not in (None, b"0") or b"transfer-encoding" in headers
-        if has_body and self.body_types is not None and not self._type_ok(scope["path"], headers.get(b"content-type", b"")):
-            accepted = ", ".join(self._accepted(scope["path"]))
-            await _answer(send, 415, f"Content-Type must be one of: {accepted}")
-            return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise Problem(413, too_large)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _accepted(self, path: str) -> tuple[str, ...]:
-        for prefix, types in (self.body_types or {}).items():
-            if path.startswith(prefix):
-                return types
-        return JSON_TYPES
-
-    def _type_ok(self, path: str, content_type: bytes) -> bool:
-        media = content_type.split(b";")[0].strip().decode("latin-1").lower()
-        return media in self._accepted(path)
-
-
-async def _answer(send: Send, status: int, detail: str) -> None:
-    headers, body = raw_problem(status, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-class Metrics:
-    """Counts and times requests by route template (never by raw path: ids would explode it)."""
-
-    def __init__(self, app: ASGIApp, service: str) -> None:
-        self.app = app
-        self.service = service
+        self.body_limits = body_limits or {}  # exact path -> its own size limit
+        # exact paths whose handler checks a token before it reads the body, and the announced
+        # length after: a request without a valid token gets 401/403, whatever it announces
+        self.auth_first = auth_first
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        status = 500
+        context = edge.enter(edge.request_id_of(scope["headers"]))
+        status = 0  # no answer started yet
 
-        async def send_wrapper(message: Message) -> None:
+        async def answer(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", context.request_id)]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            limit = self.body_limits.get(scope["path"], edge.MAX_BODY_BYTES)
+            problem = self._refusal(scope, limit)
+            if problem is not None:
+                await edge.send_problem(send, problem, context.request_id)
+                status = problem.status
+                return
+            await self.app(scope, edge.limited(receive, limit), answer)
+        except Exception:
+            # What no exception handler took would be answered outside this layer, without the
+            # request id: answered here instead.
+            log.exception("unhandled error")
+            if status:
+                raise
+            status = 500
+            problem = Problem(status, "internal error; the request id is in the logs")
+            await edge.send_problem(send, problem, context.request_id)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
-            HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
-            HTTP_LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
+            self.metrics.observe(scope["method"], route, status or 499, context.elapsed())
+            context.close()
+
+    def _refusal(self, scope: Scope, limit: int) -> Problem | None:
+        path: str = scope["path"]
+        if edge.has_control(path):
+            return Problem(404, "no such resource")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None
+        headers = dict(scope["headers"])
+        if path not in self.auth_first:
+            try:
+                edge.check_length(headers.get(b"content-length"), limit)
+            except Problem as problem:
+                return problem
+        has_body = headers.get(b"content-length") not in (None, b"0") or b"transfer-encoding" in headers
+        if has_body and self.body_types is not None:
+            accepted = self.body_types.get(path, JSON_TYPES)
+            media = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
+            if media not in accepted:
+                return Problem(415, f"Content-Type must be one of: {', '.join(accepted)}")
+        return None
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -161,6 +134,12 @@ def install_problem_handlers(app: FastAPI) -> None:
             return problem_response(Problem(422, "the body is not valid JSON",
                                             errors=[{"loc": "body", "msg": "malformed JSON"}]))
         return problem_response(Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers) if exc.headers else None))
+
+    @app.exception_handler(PoolBusy)
+    async def on_busy(_: Request, exc: PoolBusy) -> Response:
+        log.warning("database pool busy", extra={"error": str(exc)})
+        return problem_response(Problem(503, "the service is busy; retry shortly",
+                                        headers={"Retry-After": edge.RETRY_AFTER}))
 
     @app.exception_handler(asyncpg.exceptions.PostgresConnectionError)
     @app.exception_handler(asyncpg.exceptions.InterfaceError)
@@ -190,6 +169,7 @@ def create_app(
     body_types: dict[str, tuple[str, ...]] | None = None,
     body_limits: dict[str, int] | None = None,
     check_content_type: bool = True,
+    auth_first: frozenset[str] = frozenset(),
 ) -> FastAPI:
     app = FastAPIOffline(title=title, lifespan=lifespan, default_response_class=JSONResponse)
     metrics.expose(service)
@@ -222,26 +202,12 @@ def create_app(
         body, content_type = await metrics.render()
         return Response(body, headers={"Content-Type": content_type})
 
-    app.add_middleware(RequestGuard, body_types=(body_types or {}) if check_content_type else None,
-                       body_limits=body_limits)
-    app.add_middleware(Metrics, service=service)
-    # The X-Request-ID rule again (API.md §4): a request may reach a service directly.
-    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID", validator=valid_request_id)
+    # The edge rules again in every service (API.md §4): a request may reach it directly.
+    app.add_middleware(Edge, service=service, body_types=(body_types or {}) if check_content_type else None,
+                       body_limits=body_limits, auth_first=auth_first)
     return app
 
 
 def serve(app: ASGIApp | str, port: int, host: str, access_log: bool = False) -> None:
-    tune_gc()
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=access_log,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-        # Longer than the gateway's pooled-connection idle time, so the gateway never reuses a
-        # connection at the instant this side closes it (which surfaces as a reset, then 502).
-        timeout_keep_alive=75,
-    )
+    """Serves `app` with the edge rules that act before a request is whole (shared/edge_server.py)."""
+    edge_server.serve(app, port, host, access_log, max_connections=get_settings().max_connections)

@@ -1,6 +1,7 @@
 """HTTP entry point of the stock service (API.md §3): reads are public, writes need the token."""
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -8,17 +9,23 @@ from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
+from shared import edge
 from shared.events import Sku, StoreId
 from shared.paging import decode_cursor, encode_cursor
 from shared.problems import Problem
+from shared.settings import get_settings
 from shared.web import JSONResponse
 from stock import admin, db, domain, imports
 from stock.auth import Admin
+from stock.feed import StockFeed
 
 router = APIRouter(tags=["stock"])
 
-SKU_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SKU_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: `$` would let a trailing newline in
+EVENT_ID = re.compile(r"[0-9]{1,19}")
+MAX_BIGINT = 2**63 - 1
 StorePath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 SkuPath = StorePath
 Version = Annotated[int, Field(ge=0, le=2**62, strict=True)]
@@ -85,17 +92,44 @@ async def stock_events(
     store_id: StorePath, request: Request,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
 ) -> EventSourceResponse:
-    """Every change of the store's stock as it commits; `Last-Event-ID` resumes after that event."""
-    feed = request.app.state.feed
-    if last_event_id is None or last_event_id == "":
-        after = await feed.head(store_id)
-    elif last_event_id.isdigit():
-        after = int(last_event_id)
-    else:
+    """Every change of the store's stock as it commits; `Last-Event-ID` resumes after that event.
+    At most MAX_FEED_STREAMS at once per process (503 beyond)."""
+    feed: StockFeed = request.app.state.feed
+    resume = _event_id(last_event_id)
+    feed.capacity.take()
+    try:
+        after = await feed.head(store_id) if resume is None else resume
+    except BaseException:
+        feed.capacity.give_back()
+        raise
+    return _HeldStream(feed.capacity.give_back, feed.stream(store_id, after),
+                       ping=request.app.state.sse_ping,
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event_id(value: str | None) -> int | None:
+    """The id of `Last-Event-ID`; None: start with the next change. An id the ledger cannot hold
+    is one this feed never sent: 422, before anything reaches the database."""
+    if value is None or value == "":
+        return None
+    if not EVENT_ID.fullmatch(value) or int(value) > MAX_BIGINT:
         raise Problem(422, "Last-Event-ID must be an event id this feed sent",
                       errors=[{"loc": "header.Last-Event-ID", "msg": "not an event id"}])
-    return EventSourceResponse(feed.stream(store_id, after), ping=request.app.state.sse_ping,
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return int(value)
+
+
+class _HeldStream(EventSourceResponse):
+    """An event stream that gives its capacity slot back however it ends (even never started)."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 @router.post("/stock/import", dependencies=[Admin], responses={
@@ -105,7 +139,11 @@ async def stock_events(
         "text/csv": {"schema": {"type": "string"}},
         "application/x-ndjson": {"schema": {"type": "string"}}}}})
 async def import_stock(request: Request) -> JSONResponse:
-    """Upserts counted stock from an ERP file in one transaction; one bad row rejects the file."""
+    """Upserts counted stock from an ERP file in one transaction; one bad row rejects the file.
+    The token is checked (the Admin dependency) before a byte of the body is read, and the
+    announced length only after."""
+    edge.check_length(request.headers.get("content-length", "").encode() or None,
+                      get_settings().import_max_bytes)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     parse = imports.parse_csv if media == "text/csv" else imports.parse_ndjson
     try:
@@ -180,7 +218,7 @@ def _problem(exc: domain.StockError) -> Problem:
 
 def _read_sku_cursor(values: list[Any]) -> str:
     (sku,) = values
-    if not isinstance(sku, str) or not SKU_RE.match(sku):
+    if not isinstance(sku, str) or not SKU_RE.fullmatch(sku):
         raise ValueError("not a sku")
     return sku
 

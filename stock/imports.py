@@ -18,7 +18,7 @@ from stock import db
 from stock.admin import MAX_ON_HAND
 from stock.domain import Change
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: `$` would let a trailing newline in
 HEADER = ["store_id", "sku", "on_hand"]
 
 Row = tuple[int, str, str, int]  # line, store_id, sku, on_hand
@@ -38,12 +38,12 @@ class ImportResult:
 
 
 def _check(line: int, store_id: object, sku: object, on_hand: object) -> Row:
-    if not isinstance(store_id, str) or not ID_PATTERN.match(store_id):
+    if not isinstance(store_id, str) or not ID_PATTERN.fullmatch(store_id):
         raise BadRow(line, "store_id must be 1-64 characters of [A-Za-z0-9._-]")
-    if not isinstance(sku, str) or not ID_PATTERN.match(sku):
+    if not isinstance(sku, str) or not ID_PATTERN.fullmatch(sku):
         raise BadRow(line, "sku must be 1-64 characters of [A-Za-z0-9._-]")
     if isinstance(on_hand, str):
-        on_hand = int(on_hand) if re.fullmatch(r"\d{1,10}", on_hand.strip()) else None
+        on_hand = int(on_hand) if re.fullmatch(r"[0-9]{1,10}", on_hand.strip()) else None
     if not isinstance(on_hand, int) or isinstance(on_hand, bool) or not 0 <= on_hand <= MAX_ON_HAND:
         raise BadRow(line, f"on_hand must be an integer from 0 to {MAX_ON_HAND}")
     return (line, store_id, sku, on_hand)

@@ -19,6 +19,7 @@ from stock.api import router
 from stock.feed import StockFeed
 
 IMPORT_TYPES = ("text/csv", "application/x-ndjson")
+IMPORT_PATH = "/stock/import"
 
 
 @asynccontextmanager
@@ -32,7 +33,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Admin changes write EstoqueAlterado to the outbox; the API relays too, so they leave even
     # when no worker runs (one relay leads at a time, whichever process it is in).
     relays = start_relays(settings.stock_database_url, broker.exchange) if settings.outbox_relay else []
-    app.state.feed = StockFeed(pool)
+    app.state.feed = StockFeed(pool, settings.max_feed_streams)
     app.state.sse_ping = settings.sse_ping_seconds
     await app.state.feed.start(broker.channel)
     try:
@@ -49,8 +50,9 @@ def readiness(app: FastAPI) -> dict:  # type: ignore[type-arg]
 
 def create() -> FastAPI:
     app = create_app(service="stock", title="Stock", lifespan=lifespan, readiness=readiness,
-                     body_types={"/stock/import": IMPORT_TYPES},
-                     body_limits={"/stock/import": get_settings().import_max_bytes})
+                     body_types={IMPORT_PATH: IMPORT_TYPES},
+                     body_limits={IMPORT_PATH: get_settings().import_max_bytes},
+                     auth_first=frozenset({IMPORT_PATH}))
     app.include_router(router, dependencies=[Depends(wake_relays_after_writes)])
     return app
 

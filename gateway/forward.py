@@ -65,7 +65,7 @@ class Timeouts:
 
 async def open_response(
     session: aiohttp.ClientSession, upstream: Upstream, method: str, target: str, body: Any,
-    headers: CIMultiDict[str], timeout: tuple[float, aiohttp.ClientTimeout],
+    headers: CIMultiDict[str], timeout: tuple[float, aiohttp.ClientTimeout], expect100: bool = False,
 ) -> aiohttp.ClientResponse:
     """Sends the request to the first reachable URL of `upstream`; returns the response with
     its headers read and its body not yet."""
@@ -75,7 +75,7 @@ async def open_response(
             # encoded=True: sent as it came, neither re-quoted nor normalised (a re-normalised
             # /orders/%252e%252e/x once reached the upstream as /x)
             url = URL(base + target, encoded=True)
-            return await _send(session, method, url, body, headers, client_timeout)
+            return await _send(session, method, url, body, headers, client_timeout, expect100)
         except aiohttp.ClientConnectorError:
             continue  # refused: try the next URL
         except aiohttp.ConnectionTimeoutError:
@@ -92,18 +92,19 @@ async def open_response(
 
 async def _send(
     session: aiohttp.ClientSession, method: str, url: URL, body: Any, headers: CIMultiDict[str],
-    timeout: aiohttp.ClientTimeout,
+    timeout: aiohttp.ClientTimeout, expect100: bool,
 ) -> aiohttp.ClientResponse:
     """One request; an idempotent one is sent again once if a pooled connection turned out to
-    be closed by the upstream (a POST is not: it may have been acted on)."""
+    be closed by the upstream (a POST is not: it may have been acted on). `expect100`: the head
+    goes first and the body only once the upstream asks for it (`Expect: 100-continue`)."""
     try:
         return await session.request(method, url, data=body or None, headers=headers,
-                                     timeout=timeout, allow_redirects=False)
+                                     timeout=timeout, allow_redirects=False, expect100=expect100)
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
         if method not in IDEMPOTENT:
             raise
     return await session.request(method, url, data=body or None, headers=headers,
-                                 timeout=timeout, allow_redirects=False)
+                                 timeout=timeout, allow_redirects=False, expect100=expect100)
 
 
 async def read_body(upstream_response: aiohttp.ClientResponse) -> bytes:

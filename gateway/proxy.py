@@ -115,6 +115,12 @@ class Proxy:
             body = await edge.read_body(receive, edge.MAX_BODY_BYTES)
             if body is None:
                 return  # the client left while sending; nobody to answer
+            if wait > 0:
+                answer = await edge.unless_client_leaves(
+                    receive, self._exchange(scope, upstream, body, headers, wait))
+                if answer is not None:
+                    await reply.send(*answer)
+                return
             upstream_response = await self._open(scope, upstream, body, headers, wait, streaming)
             reply_headers = _reply_headers(upstream_response)
             if streaming and upstream_response.status == 200:
@@ -122,6 +128,12 @@ class Proxy:
                 return
             content = await read_body(upstream_response)
             await reply.send(upstream_response.status, reply_headers, content)
+
+    async def _exchange(self, scope: Scope, upstream: Upstream, body: bytes, headers: CIMultiDict[str],
+                        wait: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        upstream_response = await self._open(scope, upstream, body, headers, wait, False)
+        content = await read_body(upstream_response)
+        return upstream_response.status, _reply_headers(upstream_response), content
 
     def _held(self, streaming: bool, wait: float) -> contextlib.AbstractContextManager[None]:
         """A slot of the long-poll or event-stream cap for the request's time, if it is one."""
@@ -132,12 +144,12 @@ class Proxy:
         return contextlib.nullcontext()
 
     async def _open(self, scope: Scope, upstream: Upstream, body: object, headers: CIMultiDict[str],
-                    wait: float, streaming: bool) -> aiohttp.ClientResponse:
+                    wait: float, streaming: bool, expect100: bool = False) -> aiohttp.ClientResponse:
         assert self.session is not None, "the lifespan opens the session before any request"
         path: str = scope["path"]
         return await open_response(
             self.session, upstream, scope["method"], _target(scope, scope["query_string"]), body,
-            headers, self.timeouts.of(path, wait, streaming))
+            headers, self.timeouts.of(path, wait, streaming), expect100)
 
     async def _upload(self, scope: Scope, receive: Receive, reply: Reply, upstream: Upstream,
                       headers: CIMultiDict[str], length: bytes | None) -> None:
@@ -147,7 +159,10 @@ class Proxy:
             headers["Content-Length"] = length.decode()  # lets the stock API refuse it at once
         upload = Upload(receive, self.import_max_bytes)
         try:
-            upstream_response = await self._open(scope, upstream, upload.chunks(), headers, 0.0, False)
+            # Expect: 100-continue: the stock API sees the head (and checks the token) before any
+            # body is sent, and asks for the body only once its handler reads it.
+            upstream_response = await self._open(scope, upstream, upload.chunks(), headers, 0.0, False,
+                                                 expect100=True)
         except Problem:
             if upload.too_large:
                 raise edge.too_large(self.import_max_bytes) from None
@@ -209,7 +224,7 @@ async def _stream(reply: Reply, headers: list[tuple[bytes, bytes]],
     upstream ends it or the client leaves; a client that leaves closes the upstream at once."""
     await reply.start(200, headers)
     pump = asyncio.ensure_future(_pump(reply, upstream_response))
-    left = asyncio.ensure_future(_client_left(receive))
+    left = asyncio.ensure_future(edge.client_left(receive))
     try:
         await asyncio.wait((pump, left), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -227,9 +242,3 @@ async def _pump(reply: Reply, upstream_response: aiohttp.ClientResponse) -> None
             await reply.chunk(chunk, more=True)
     except (aiohttp.ClientError, TimeoutError):
         pass  # the upstream broke off: end the stream, the client reconnects with Last-Event-ID
-
-
-async def _client_left(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-

@@ -85,7 +85,9 @@ class FastLane:
             if order is None:
                 return 0, b"", []  # the full app writes the 404
             if wait > 0:
-                order = await api.wait_for_change(state.pool, state.waiters, order, wait)
+                waited = await edge.unless_client_leaves(
+                    receive, api.wait_for_change(state.pool, state.waiters, order, wait))
+                order = waited or order  # None: the client left, the answer goes nowhere
             return 200, orjson.dumps(order), [*JSON_HEADERS]
 
         if not await self._answer(scope, send, "/orders/{order_id}", dict(scope["headers"]), answer):

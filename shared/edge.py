@@ -6,15 +6,16 @@ that sees a request and every service behind it apply the same rules and cannot 
 What must act before a request is whole (header and target sizes, the header timeout, the
 connection cap) is in shared/edge_server.py, the server every process runs."""
 
+import asyncio
 import contextlib
 import math
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextvars import Token
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 import orjson
@@ -43,6 +44,7 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # by an upstream (or an HTTP client on the way) to a path other than the one the gateway matched.
 _HIDDEN = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 _DECODE_ROUNDS = 4
+T = TypeVar("T")
 
 
 # ----- the request's context ------------------------------------------------------------------
@@ -111,6 +113,7 @@ def hides_dot_or_slash(raw_path: bytes) -> bool:
     return True  # still escaped after that many rounds: no client of ours does that
 
 
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{0,9})?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -124,10 +127,8 @@ def wait_seconds(value: str | None) -> float:
     """A long-poll's `?wait=`: 0 when absent; a finite number of seconds from 0 to 30, else 422."""
     if value is None:
         return 0.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
+    # A plain decimal only: float() alone would also take "1_0", "1e1", "nan" or " 5 ".
+    seconds = float(value) if _DECIMAL.fullmatch(value) else math.nan
     if not (math.isfinite(seconds) and 0 <= seconds <= MAX_WAIT_SECONDS):
         raise Problem(422, f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}",
                       errors=[{"loc": "query.wait", "msg": "not a number from 0 to 30"}])
@@ -184,6 +185,30 @@ def limited(receive: Receive, limit: int) -> Receive:
         return message
 
     return limited_receive
+
+
+async def client_left(receive: Receive) -> None:
+    """Returns once the client has disconnected (call it once the body was read, if any)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T | None:
+    """`work`, cancelled if the client leaves first (None then): a long-poll whose client is gone
+    must not keep its slot of the cap, nor the upstream's, for the rest of its wait."""
+    task = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(client_left(receive))
+    try:
+        await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
 
 
 # ----- capacity ---------------------------------------------------------------------------------

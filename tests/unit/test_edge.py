@@ -50,7 +50,8 @@ def test_wait_is_seconds_from_0_to_30(value: str | None, seconds: float) -> None
     assert edge.wait_seconds(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["", "-1", "30.01", "nan", "inf", "-inf", "1e309", "x", "5s", "0x10"])
+@pytest.mark.parametrize("value", ["", "-1", "30.01", "nan", "inf", "-inf", "1e309", "x", "5s", "0x10",
+                                   "1_0", "1e1", " 5", "5 ", "\u0665"])
 def test_any_other_wait_is_422(value: str) -> None:
     with pytest.raises(Problem) as refused:
         edge.wait_seconds(value)

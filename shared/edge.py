@@ -200,15 +200,18 @@ async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T | None
     left = asyncio.ensure_future(client_left(receive))
     try:
         await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we are cancelled ourselves (shutdown): so is the work
+        task.cancel()
+        raise
     finally:
         left.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()
+    # Whatever it ends with now, nobody is there to be told.
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
 
 
 # ----- capacity ---------------------------------------------------------------------------------

@@ -101,3 +101,41 @@ def test_a_forged_orders_cursor_is_422(values: list[object]) -> None:
     with pytest.raises(Problem) as refused:
         decode_cursor(cursor_of(*values), _read_cursor)
     assert refused.value.status == 422
+
+
+async def test_work_is_cancelled_when_the_client_leaves_first() -> None:
+    import asyncio
+
+    left = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "done"
+
+    waiting = asyncio.ensure_future(edge.unless_client_leaves(receive, work()))
+    await asyncio.sleep(0.01)
+    left.set()
+    assert await asyncio.wait_for(waiting, 5) is None
+    assert cancelled.is_set()
+
+
+async def test_work_that_ends_first_gives_its_result() -> None:
+    import asyncio
+
+    async def receive() -> dict[str, object]:
+        await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        return "done"
+
+    assert await asyncio.wait_for(edge.unless_client_leaves(receive, work()), 5) == "done"

@@ -80,7 +80,7 @@ class Proxy:
             return
         label, upstream = routed
         request_id, headers, length = _split_headers(scope["headers"])
-        context = edge.enter(request_id)
+        context = edge.enter(request_id, database=False)
         reply = Reply(send, request_id)
         try:
             if upstream is None:

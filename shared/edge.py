@@ -88,10 +88,12 @@ class RequestContext:
         return time.perf_counter() - self.started
 
 
-def enter(request_id_value: bytes) -> RequestContext:
+def enter(request_id_value: bytes, *, database: bool = True) -> RequestContext:
+    """`database`: the process has a pool, whose waits are bounded for the request's time."""
     context = RequestContext(request_id_value)
     context._tokens.append((correlation_id, correlation_id.set(request_id_value.decode("latin-1"))))
-    context._tokens.append((acquire_timeout, acquire_timeout.set(ACQUIRE_TIMEOUT_SECONDS)))
+    if database:
+        context._tokens.append((acquire_timeout, acquire_timeout.set(ACQUIRE_TIMEOUT_SECONDS)))
     return context
 
 
@@ -101,6 +103,8 @@ def enter(request_id_value: bytes) -> RequestContext:
 def hides_dot_or_slash(raw_path: bytes) -> bool:
     """True if the raw path encodes a dot, slash or backslash, however many times encoded
     (`%2e`, `%252e`, `%25252E`, ...), or holds a dot segment."""
+    if b"%" not in raw_path and b"/." not in raw_path:
+        return False  # the common case, at the cost of two scans
     text = raw_path.decode("latin-1")
     for _ in range(_DECODE_ROUNDS):
         if "/." in text and any(part in (".", "..") for part in text.split("/")):

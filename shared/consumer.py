@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from shared import metrics
 from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
+from shared.edge import REQUEST_ID
 from shared.messaging import DEAD_LETTER_EXCHANGE, TRACEPARENT, valid_traceparent
 
 log = logging.getLogger(__name__)
@@ -315,10 +316,14 @@ def _tag(message: AbstractIncomingMessage) -> int:
 
 
 def _request_id(message: AbstractIncomingMessage) -> str | None:
+    """The message's request id if it obeys the edge's rule (a publisher on the broker is a
+    client too: its header goes into logs and into the answers' outbox rows), else the order id."""
     value = (message.headers or {}).get("x-request-id")
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    return str(value) if value else message.correlation_id
+    if isinstance(value, str):
+        value = value.encode(errors="replace")
+    if isinstance(value, bytes) and REQUEST_ID.fullmatch(value):
+        return value.decode()
+    return message.correlation_id
 
 
 def parse_json(message: AbstractIncomingMessage) -> dict[str, Any]:

@@ -177,7 +177,10 @@ def plot_cpu_curve(plt: Any, results: dict[str, Any], path: Path) -> Path | None
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize="x-small")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         return secret(self.run_dir, "admin-token", self.run_dir / "admin-token")
 
 
+def new_secret() -> str:
+    """A generated password or token: hex only, so it never starts with `-` (rabbitmqctl and
+    other command lines would read it as an option) and needs no escaping in a URL."""
+    return secrets.token_hex(24)
+
+
 def secret(run_dir: Path, name: str, path: Path | None = None) -> str:
     """The secret `name` kept in RUN_DIR/secrets (or at `path`), generated on first use: readable
     by its owner only, and written atomically (a private temporary file linked into place), so
@@ -132,7 +138,7 @@ def secret(run_dir: Path, name: str, path: Path | None = None) -> str:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, (secrets.token_urlsafe(24) + "\n").encode())
+            os.write(fd, (new_secret() + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import glob
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.db import migrate
-from shared.settings import Settings, get_settings
+from shared.settings import Settings, get_settings, new_secret
 from tooling.access import (
     Users,
     grant_vhost,
@@ -120,7 +119,7 @@ class Postgres:
             shutil.chown(self.home, "postgres", "postgres")
             _ensure_traversable(self.home, "postgres")
         if not (self.data / "PG_VERSION").exists():
-            self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+            self.password_file.write_text(new_secret() + "\n")
             self.password_file.chmod(0o600)
             pwfile = self.home / "pwfile"
             pwfile.write_text(self.password_file.read_text())

@@ -10,7 +10,6 @@ pg_autoctl and postmaster finds through PGPASSFILE."""
 
 import asyncio
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
+from shared.settings import new_secret
 from tooling.devenv import Postgres, _apt_install, _ensure_traversable, _port_open, say
 
 PACKAGES = ("postgresql-15", "postgresql-15-auto-failover", "pg-auto-failover-cli")
@@ -154,11 +154,11 @@ class Formation(Postgres):
         self.pg_home.mkdir(parents=True, exist_ok=True)
         (self.pg_home / "sock").mkdir(mode=0o700, exist_ok=True)
         if not self.password_file.exists():
-            self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+            self.password_file.write_text(new_secret() + "\n")
             self.password_file.chmod(0o600)
         internal = self.pg_home / "internal-password"
         if not internal.exists():
-            internal.write_text(secrets.token_urlsafe(24) + "\n")
+            internal.write_text(new_secret() + "\n")
             internal.chmod(0o600)
         lines = [f"*:*:*:postgres:{self.password_file.read_text().strip()}"]
         lines += [f"*:*:*:{role}:{internal.read_text().strip()}" for role in INTERNAL_ROLES]

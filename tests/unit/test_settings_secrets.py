@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.settings import Settings, secret
+from shared.settings import Settings, new_secret, secret
 
 URLS = ("AMQP_URL", "ORDERS_AMQP_URL", "STOCK_AMQP_URL", "ORDERS_DATABASE_URL", "STOCK_DATABASE_URL")
 
@@ -57,3 +57,10 @@ def test_processes_generating_a_secret_at_once_all_get_the_same(tmp_path: Path) 
         values = set(pool.map(_secret_in, [str(tmp_path)] * 32))
     assert len(values) == 1
     assert [p.name for p in (tmp_path / "secrets").iterdir()] == ["race"]  # no temporary left
+
+
+def test_a_generated_secret_is_safe_on_a_command_line_and_in_a_url() -> None:
+    # token_urlsafe could start with "-": rabbitmqctl add_user then read the password as an option
+    for _ in range(2000):
+        value = new_secret()
+        assert len(value) >= 32 and all(c in "0123456789abcdef" for c in value)

@@ -11,8 +11,9 @@ import aiormq
 import asyncpg
 import pytest
 
+from shared.broker import declare_topology
 from shared.db import migrate
-from shared.messaging import EXCHANGE, declare_topology
+from shared.messaging import EXCHANGE
 from shared.settings import Settings
 from tooling.access import EVENTS, broker_users, grant_vhost, service_url
 from tooling.devenv import Postgres, local_servers
@@ -141,7 +142,7 @@ async def vhost() -> AsyncIterator[str]:
     grant_vhost(rabbit, name, {service: users[service] for service in EVENTS} | rabbit.users)
     admin = await aio_pika.connect(urlunsplit(urlsplit(settings.amqp_url)._replace(path=f"/{name}")))
     async with admin:
-        await declare_topology(await admin.channel(), settings.delivery_limit)
+        await declare_topology(admin, await admin.channel(), settings.delivery_limit)
     try:
         yield name
     finally:

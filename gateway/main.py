@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 
 from gateway.forward import Upstream, new_session
 from gateway.proxy import Proxy
+from shared import tracing
 from shared.asyncapi import document as asyncapi_document
 from shared.logs import configure_logging
 from shared.openapi import forwarded, with_problems
@@ -107,4 +108,5 @@ def create() -> Proxy:
 def run() -> None:
     settings = get_settings()
     configure_logging("gateway", settings.log_level)
-    serve(create(), settings.gateway_port, settings.bind_host, settings.access_log)
+    tracing.setup("gateway")
+    serve(tracing.wrap_asgi(create()), settings.gateway_port, settings.bind_host, settings.access_log)

@@ -14,7 +14,7 @@ from orders.fastlane import FastLane
 from orders.reconciler import reconcile_forever
 from orders.service import Intake
 from orders.waiters import StatusWaiters
-from shared import metrics
+from shared import metrics, tracing
 from shared.batching import Batcher
 from shared.broker import open_broker
 from shared.consumer import TRANSIENT, Consumer
@@ -95,4 +95,5 @@ def create() -> FastAPI:
 def run() -> None:
     settings = get_settings()
     configure_logging("orders", settings.log_level)
-    serve(FastLane(create()), settings.orders_port, settings.bind_host, settings.access_log)
+    tracing.setup("orders")
+    serve(tracing.wrap_asgi(FastLane(create())), settings.orders_port, settings.bind_host, settings.access_log)

@@ -34,7 +34,7 @@ from aiormq.abc import AbstractChannel as AmqpChannel
 from asgi_correlation_id import correlation_id
 from pydantic import ValidationError
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
 from shared.edge import REQUEST_ID
 from shared.messaging import DEAD_LETTER_EXCHANGE, TRACEPARENT, valid_traceparent
@@ -104,11 +104,18 @@ class Consumer:
         if task is not None:
             self._in_flight.add(task)
         token = correlation_id.set(_request_id(message))
-        trace = TRACEPARENT.set(valid_traceparent((message.headers or {}).get("traceparent")))
+        carried = valid_traceparent((message.headers or {}).get("traceparent"))
         try:
-            await self._process(message, acks)
+            # The consumer's span (tracing on) is the parent of every row this message causes;
+            # off, the message's own traceparent is carried as it came.
+            with tracing.span(f"{self.queue.name} process {message.type}", "consumer", carried, **{
+                    "messaging.system": "rabbitmq", "messaging.destination.name": self.queue.name}) as mine:
+                trace = TRACEPARENT.set(mine)
+                try:
+                    await self._process(message, acks)
+                finally:
+                    TRACEPARENT.reset(trace)
         finally:
-            TRACEPARENT.reset(trace)
             correlation_id.reset(token)
             if task is not None:
                 self._in_flight.discard(task)

@@ -1,4 +1,5 @@
-"""JSON logs on stdout, each line carrying the request id that follows an order across services."""
+"""JSON logs on stdout, each line carrying the request id and the trace id that follow an order
+across services."""
 
 import logging
 import sys
@@ -6,13 +7,16 @@ import sys
 from asgi_correlation_id import CorrelationIdFilter
 from pythonjsonlogger.json import JsonFormatter
 
+from shared.tracing import TraceIdFilter
+
 
 def configure_logging(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(CorrelationIdFilter())
+    handler.addFilter(TraceIdFilter())
     handler.setFormatter(
         JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s",
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s %(trace_id)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "correlation_id": "request_id"},
             static_fields={"service": service},
         )

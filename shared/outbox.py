@@ -38,6 +38,7 @@ from shared.messaging import (
     build_properties,
     publish_each,
 )
+from shared.tracing import published
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class OutboxRelay:
     def _outgoing(self, row: asyncpg.Record) -> Outgoing:
         properties = build_properties(event_id=row["event_id"], event_type=row["event_type"],
                                       correlation_id=row["correlation_id"], request_id=row["request_id"],
-                                      traceparent=row["traceparent"])
+                                      traceparent=published(row["traceparent"], row["event_type"]))
         return Outgoing(row["body"].encode(), row["event_type"], properties, mandatory=self._mandatory)
 
 

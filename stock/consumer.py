@@ -15,6 +15,7 @@ from shared.batching import Batcher
 from shared.consumer import Route, Routes
 from shared.db import first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado
+from shared.messaging import TRACEPARENT
 from shared.outbox import wake_relays
 from stock.holds import on_order_cancelled, on_order_confirmed
 from stock.reserve import Arrival, decide_batch
@@ -33,7 +34,7 @@ def decide_pending(pool: asyncpg.Pool, ttl_seconds: float) -> Callable[[list[Arr
 
 def routes(pool: asyncpg.Pool, batcher: Batcher[Arrival]) -> Routes:
     async def on_created(cmd: PedidoCriado, message_id: str) -> None:
-        await batcher.submit(Arrival(cmd, message_id, correlation_id.get()))
+        await batcher.submit(Arrival(cmd, message_id, correlation_id.get(), TRACEPARENT.get()))
 
     def once(apply: Callable[[asyncpg.Connection, Any], Awaitable[None]]) -> Callable[[Any, str], Awaitable[None]]:
         """A confirm or cancel: applied in its own transaction with its inbox entry."""

@@ -310,23 +310,23 @@ WITH decided AS (
     SELECT event_id, 'EstoqueAlterado', order_id::text, request_id, {_stock_changed("at", "'reserved'")}
     FROM m ORDER BY store_id, sku, version
 )
-INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-SELECT event_id, 'AtualizarStatus', correlation_id, request_id, body
-FROM unnest($15::uuid[], $16::text[], $17::text[], $18::jsonb[])
-    AS a(event_id, correlation_id, request_id, body)
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body, traceparent)
+SELECT event_id, 'AtualizarStatus', correlation_id, request_id, body, traceparent
+FROM unnest($15::uuid[], $16::text[], $17::text[], $18::jsonb[], $19::text[])
+    AS a(event_id, correlation_id, request_id, body, traceparent)
 """
 IMPORT_STORES = "SELECT DISTINCT store_id FROM import_row ORDER BY store_id"
 
 # Answers again, with a new event id, orders ($1) asked again for an attempt ($2) already
 # decided (stock/reserve.py asked_again): the last answer given (stock_answer, kept by a trigger
 # on the outbox, migration 020), or for an order answered before answers were kept, one made
-# from its state. Reads only; the caller holds the orders' locks.
+# from its state ($3, $4: request ids and traceparents). Reads only; the caller holds the orders' locks.
 ANSWER_AGAIN = """
-INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-SELECT event_id, 'AtualizarStatus', order_id::text, request_id,
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body)
+SELECT event_id, 'AtualizarStatus', order_id::text, request_id, traceparent,
        body || jsonb_build_object('event_id', event_id, 'occurred_at', clock_timestamp())
 FROM (
-    SELECT gen_random_uuid() AS event_id, o.order_id, r.request_id, coalesce(a.body, jsonb_build_object(
+    SELECT gen_random_uuid() AS event_id, o.order_id, r.request_id, r.traceparent, coalesce(a.body, jsonb_build_object(
         'event_type', 'AtualizarStatus', 'order_id', o.order_id, 'attempt', o.attempt,
         'status', CASE o.state WHEN 'held' THEN 'EstoqueReservado'
                                WHEN 'rejected' THEN 'EstoqueNaoDisponivel'
@@ -340,7 +340,7 @@ FROM (
                                       ORDER BY h.store_id, h.sku), '[]'::jsonb)
             FROM hold h WHERE h.order_id = o.order_id) ELSE '[]'::jsonb END,
         'unavailable', '[]'::jsonb, 'reason', NULL)) AS body
-    FROM unnest($1::uuid[], $2::int[], $3::text[]) AS r(order_id, attempt, request_id)
+    FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS r(order_id, attempt, request_id, traceparent)
     JOIN stock_order o ON o.order_id = r.order_id AND o.attempt = r.attempt
     LEFT JOIN stock_answer a ON a.order_id = o.order_id AND a.attempt = o.attempt
     -- a tombstone (cancelled before stock decided anything) was never answered: nobody waits

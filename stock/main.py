@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 import uvloop
 from fastapi import Depends, FastAPI, Request
 
+from shared import tracing
 from shared.broker import open_broker
 from shared.db import create_pool
 from shared.health import broker_check, database_check
@@ -68,11 +69,13 @@ async def wake_relays_after_writes(request: Request) -> AsyncIterator[None]:
 def run_api() -> None:
     settings = get_settings()
     configure_logging("stock-api", settings.log_level)
-    serve(create(), settings.stock_port, settings.bind_host, settings.access_log)
+    tracing.setup("stock-api")
+    serve(tracing.wrap_asgi(create()), settings.stock_port, settings.bind_host, settings.access_log)
 
 
 def run_worker() -> None:
     settings = get_settings()
     configure_logging("stock-worker", settings.log_level)
+    tracing.setup("stock-worker")
     uvloop.install()
     asyncio.run(worker.main())

@@ -38,6 +38,8 @@ class Arrival:
     cmd: PedidoCriado
     message_id: str
     request_id: str | None
+    # Its message's traceparent (its consumer span's when tracing): the parent of the answer.
+    traceparent: str | None = None
 
 
 @dataclass
@@ -86,6 +88,7 @@ class AnswerRow(NamedTuple):
     correlation_id: str
     request_id: str | None
     body: dict[str, Any]
+    traceparent: str | None
 
 
 @dataclass
@@ -139,10 +142,11 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Arrival], ttl_secon
             locked.fresh.discard(arrival.message_id)  # the same message twice in one batch counts once
             firsts.append(arrival.cmd)
     request_ids = {a.cmd.order_id: a.request_id for a in batch}
+    traces = {a.cmd.order_id: a.traceparent for a in batch}
     again = asked_again(firsts, locked.known)
     if again:  # the decision already made, answered again; no stock changes
         await conn.execute(db.ANSWER_AGAIN, [c.order_id for c in again], [c.attempt for c in again],
-                           [request_ids.get(c.order_id) for c in again])
+                           [request_ids.get(c.order_id) for c in again], [traces.get(c.order_id) for c in again])
         metrics.hold("answered_again", len(again))
     cmds = fresh_commands(firsts, locked.known)
     if not cmds:
@@ -150,7 +154,8 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Arrival], ttl_secon
     expires_at = locked.now + timedelta(seconds=ttl_seconds)
     writes = Writes()
     for cmd in cmds:
-        _decide_one(cmd, locked.items, expires_at, writes, request_ids.get(cmd.order_id))
+        _decide_one(cmd, locked.items, expires_at, writes, request_ids.get(cmd.order_id),
+                    traces.get(cmd.order_id))
     await conn.execute(db.SAVE_DECISIONS, *_columns(writes.orders, DecidedRow),
                        *_columns(writes.movements, MovementRow), *_columns(writes.answers, AnswerRow))
     for cmd in cmds:
@@ -182,7 +187,7 @@ async def _lock(conn: asyncpg.Connection, cmds: list[PedidoCriado], message_ids:
 
 def _decide_one(
     cmd: PedidoCriado, items: dict[tuple[str, str], Item], expires_at: datetime, writes: Writes,
-    request_id: str | None,
+    request_id: str | None, traceparent: str | None,
 ) -> None:
     """The allocation rule on the batch's figures so far; a hold changes them for the orders
     after it (arrival order)."""
@@ -191,7 +196,7 @@ def _decide_one(
     decision = allocate(cmd.items, cmd.stores, cmd.split, stock)
     if not decision.held:
         writes.orders.append(DecidedRow(cmd.order_id, cmd.attempt, "rejected", None))
-        _add_answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, None), request_id)
+        _add_answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, None), request_id, traceparent)
         metrics.hold("rejected")
         return
     for change in hold(decision.allocations):
@@ -202,13 +207,14 @@ def _decide_one(
             change.store_id, change.sku, item.version, change.on_hand_delta, change.reserved_delta,
             item.figures.on_hand, item.figures.reserved, cmd.order_id, item.at, request_id))
     writes.orders.append(DecidedRow(cmd.order_id, cmd.attempt, "held", expires_at))
-    _add_answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, expires_at), request_id)
+    _add_answer(writes, decision_answer(cmd.order_id, cmd.attempt, decision, expires_at), request_id, traceparent)
     metrics.hold("held")
 
 
-def _add_answer(writes: Writes, event: AtualizarStatus, request_id: str | None) -> None:
+def _add_answer(writes: Writes, event: AtualizarStatus, request_id: str | None,
+                traceparent: str | None) -> None:
     writes.answers.append(AnswerRow(event.event_id, str(event.order_id), request_id,
-                                    event.model_dump(mode="json")))
+                                    event.model_dump(mode="json"), traceparent))
 
 
 def _columns(rows: list[Any], row_type: type[tuple[Any, ...]]) -> list[list[Any]]:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 CONNECT_PATIENCE_SECONDS = 120  # a service may start before the broker (compose)
 ATTEMPT_TIMEOUT_SECONDS = 5  # one broker that does not answer (stopped, blackholed) is left soon
 RECONNECT_SECONDS = 1
+# Restoring channels, QoS, topology and consumers on a new connection. A queue.bind or a consume
+# on a quorum queue can wait, with no timeout of aio-pika's, on a node that is frozen (SIGSTOP)
+# but not yet known to be down: seen holding a reconnection there for good. Past this the
+# connection is dropped and the next broker tried, round the list, until one restores it.
+RESTORE_TIMEOUT_SECONDS = 15
 
 
 # ----- connections that fail over ----------------------------------------------------------------
@@ -60,6 +65,20 @@ class FailoverConnection(RobustConnection):
             log.warning("broker connection lost or refused; trying the next broker",
                         extra={"broker": f"{self.url.host}:{self.url.port}"})
         await super()._on_connection_close(closing)
+
+    async def _on_connected(self) -> None:
+        try:
+            async with asyncio.timeout(RESTORE_TIMEOUT_SECONDS):
+                await super()._on_connected()
+        except TimeoutError:
+            log.warning("restoring channels and consumers timed out; dropping the connection",
+                        extra={"broker": f"{self.url.host}:{self.url.port}"})
+            transport = self.transport
+            if transport is not None:
+                # Its close moves to the next broker (above) and aio-pika's loop tries again.
+                await asyncio.gather(transport.connection.close(ConnectionError("restore timed out")),
+                                     return_exceptions=True)
+            raise
 
 
 async def connect(amqp_url: str, name: str = "inventory") -> AbstractRobustConnection:
@@ -143,3 +162,4 @@ async def open_broker(amqp_url: str, *, delivery_limit: int, prefetch: int, name
     publishing = await publisher.channel(publisher_confirms=True, on_return_raises=True)
     exchange = await publishing.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     return Broker(connection, channel, publisher, exchange)
+

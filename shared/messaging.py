@@ -38,6 +38,11 @@ ROUTED_EVENTS = frozenset(e for events in QUEUES.values() for e in events)
 
 # ----- what every message carries (API.md §6) ----------------------------------------------------
 CONTENT_TYPE = "application/json"
+# How long a batch waits for its confirms (and for room on the connection) before its messages
+# count as not published: a frozen broker closes nothing. Clients notice a silent broker after
+# three heartbeats (18 s with the HA cluster's 5 s): this is longer, so a live broker that is only
+# slow is not given up on, and shorter than the relay's patience with an outage.
+CONFIRM_TIMEOUT_SECONDS = 20.0
 
 # The W3C trace context of the work in hand (a request, a message): carried like the request
 # id, from the request or message that caused an event into the outbox row and the message.
@@ -152,17 +157,18 @@ async def publish_each(exchange: AbstractExchange, messages: Sequence[Outgoing])
     # Futures made by the channel are failed by aiormq when the channel closes; plain ones are
     # cheaper (no bookkeeping per message), so one of the former watches over the batch.
     closed = channel.create_future()
-    async with channel.lock:
-        written = channel.create_future()
-        # Queued first, registered next with no await in between: a cancellation while waiting
-        # for room in the queue leaves no trace, and no confirm can arrive before registration.
-        await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False, drain_future=written))
-        first_tag = channel.delivery_tag + 1
-        confirmations = [_expect_confirm(channel, first_tag + n, messages[i]) for n, i in enumerate(sent)]
-        channel.delivery_tag += len(sent)
-        await asyncio.wait((written,))  # the socket took it (flow control, as basic_publish waits)
+    # Every wait below is bounded: a broker that stops answering without closing the connection
+    # (a frozen node, SIGSTOP) would otherwise hold the relay here for good, since neither the
+    # write queue of a dead connection nor a confirm that never comes fails on its own.
+    deadline = asyncio.get_running_loop().time() + CONFIRM_TIMEOUT_SECONDS
+    try:
+        confirmations, first_tag = await _write(channel, payload, [messages[i] for i in sent], deadline)
+    except BaseException:
+        closed.cancel()
+        raise
     try:
         await asyncio.wait((asyncio.gather(*confirmations, return_exceptions=True), closed),
+                           timeout=_left(deadline),
                            return_when=asyncio.FIRST_COMPLETED)
         for n, i in enumerate(sent):
             verdicts[i] = _verdict(confirmations[n], closed)
@@ -176,13 +182,48 @@ async def publish_each(exchange: AbstractExchange, messages: Sequence[Outgoing])
     return verdicts
 
 
+async def _write(channel: aiormq.Channel, payload: bytes, messages: Sequence[Outgoing],
+                 deadline: float) -> tuple[list[asyncio.Future[object]], int]:
+    """Queues the batch's frames and registers its confirms; TimeoutError if the lock or room in
+    the write queue (a dead connection's never empties) is not had by `deadline`."""
+    async with asyncio.timeout_at(deadline) as limit, channel.lock:
+        written = channel.create_future()
+        # Queued first, registered next with no await in between: a cancellation while waiting
+        # for the lock or for room in the queue leaves no trace, and no confirm can arrive
+        # before registration.
+        await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False, drain_future=written))
+        limit.reschedule(None)  # registered: the wait below ends by itself
+        first_tag = channel.delivery_tag + 1
+        confirmations = [_expect_confirm(channel, first_tag + n, m) for n, m in enumerate(messages)]
+        channel.delivery_tag += len(messages)
+        # The socket took it (flow control, as basic_publish waits).
+        await asyncio.wait((written,), timeout=_left(deadline))
+    return confirmations, first_tag
+
+
+def _error(exc: BaseException | None) -> Exception | None:
+    """A verdict the relay can raise and catch. aiormq closes the channels of a connection it
+    found stuck (no heartbeat: a frozen broker) with the reader task's CancelledError as the
+    reason; raised as a verdict, that ended the relay's task silently and for good."""
+    if exc is None or isinstance(exc, Exception):
+        return exc
+    return aiormq.exceptions.ChannelInvalidStateError(f"channel closed: {exc!r}")
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
 def _verdict(confirmation: asyncio.Future[object], closed: asyncio.Future[object]) -> BaseException | None:
-    if confirmation.done():
-        return confirmation.exception()
+    if confirmation.done() and not confirmation.cancelled():
+        return _error(confirmation.exception())
     # The confirm will never come; it is left to go with the dead channel.
     confirmation.cancel()
     if closed.done() and not closed.cancelled() and closed.exception() is not None:
-        return closed.exception()
+        return _error(closed.exception())
+    if not closed.done():
+        # Not refused, only unanswered: the relay keeps the row and publishes it again.
+        return TimeoutError(f"no confirm within {CONFIRM_TIMEOUT_SECONDS} s")
     return aiormq.exceptions.ChannelInvalidStateError("channel closed before the confirms")
 
 

@@ -134,7 +134,11 @@ class OutboxRelay:
                     return
                 finally:
                     await conn.close()
-            except Exception:
+            except (Exception, asyncio.CancelledError) as exc:
+                # A CancelledError not aimed at this task (one a library passed on as a reason)
+                # must not end the relay: it would stop publishing for good, silently.
+                if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                    raise
                 if self._stopping.is_set():
                     return
                 log.warning("outbox relay interrupted; retrying", extra={"lane": self.lane}, exc_info=True)
@@ -215,6 +219,11 @@ class OutboxRelay:
                                       correlation_id=row["correlation_id"], request_id=row["request_id"],
                                       traceparent=published(row["traceparent"], row["event_type"]))
         return Outgoing(row["body"].encode(), row["event_type"], properties, mandatory=self._mandatory)
+
+
+def _cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _refusal(verdict: BaseException, alone: bool) -> bool:

@@ -15,6 +15,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import PublishError
 
+from shared import messaging
 from shared.broker import declare_topology
 from shared.messaging import (
     EXCHANGE,
@@ -22,6 +23,7 @@ from shared.messaging import (
     build_message,
     build_properties,
     publish_batch,
+    publish_each,
 )
 from shared.settings import Settings
 from tooling.devenv import local_servers
@@ -140,3 +142,45 @@ async def test_a_channel_closed_before_the_confirms_fails_the_call_instead_of_ha
     with pytest.raises(Exception) as failure:
         await asyncio.wait_for(publish_batch(missing, [outgoing(UNROUTED, b"{}", False)] * 3), 15)
     assert not isinstance(failure.value, TimeoutError), "publish_batch hung on a closed channel"
+
+
+# A frozen broker (SIGSTOP) closes nothing: its confirms never come and a connection to it stops
+# taking frames. Both are played here on a live broker, from the client's side: its confirm
+# frames are dropped, or the write queue is one that never empties.
+async def test_confirms_that_never_come_end_in_timeout_verdicts_and_the_channel_goes_on(
+    amqp: AbstractRobustConnection, channel: AbstractChannel, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exchange = await declare_topology(amqp, channel, delivery_limit=5)
+    queue = await changes_queue(channel)
+    monkeypatch.setattr(messaging, "CONFIRM_TIMEOUT_SECONDS", 1.0)
+    underlay = await channel.get_underlay_channel()
+
+    async def dropped(frame: Any) -> None:
+        return None
+
+    monkeypatch.setattr(underlay, "_on_confirm_frame", dropped)
+    batch = [outgoing(UNROUTED, b'{"n": %d}' % i, False) for i in range(5)]
+    verdicts = await asyncio.wait_for(publish_each(exchange, batch), 15)
+    assert all(isinstance(v, TimeoutError) for v in verdicts), verdicts
+    monkeypatch.undo()
+    # Not a refusal: the messages did go out (the relay would send them again), and the
+    # channel's later confirms still match.
+    await asyncio.wait_for(publish_batch(exchange, [outgoing(UNROUTED, b'{"n": 5}', True)]), 15)
+    assert [m.body for m in await take(queue, 6)] == [b'{"n": %d}' % i for i in range(6)]
+
+
+async def test_a_write_queue_that_never_empties_fails_the_call_in_time(
+    amqp: AbstractRobustConnection, channel: AbstractChannel, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exchange = await declare_topology(amqp, channel, delivery_limit=5)
+    monkeypatch.setattr(messaging, "CONFIRM_TIMEOUT_SECONDS", 1.0)
+    underlay = await channel.get_underlay_channel()
+    full: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+    full.put_nowait(None)
+    monkeypatch.setattr(underlay, "write_queue", full)
+    tag = underlay.delivery_tag
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(publish_each(exchange, [outgoing(UNROUTED, b"{}", False)]), 15)
+    assert underlay.delivery_tag == tag, "a batch never queued registered confirms"
+    monkeypatch.undo()
+    await asyncio.wait_for(publish_batch(exchange, [outgoing(UNROUTED, b"{}", True)]), 15)

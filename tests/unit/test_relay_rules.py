@@ -7,9 +7,10 @@ from typing import Any
 import aiormq
 from pamqp import commands
 
+from shared import outbox
 from shared.consumer import BulkAcks, Consumer, Route
-from shared.messaging import FrameTooLarge, valid_traceparent
-from shared.outbox import _refusal
+from shared.messaging import FrameTooLarge, _verdict, valid_traceparent
+from shared.outbox import OutboxRelay, _refusal
 
 
 def test_what_the_broker_refuses_counts_against_the_message_and_an_outage_does_not() -> None:
@@ -109,3 +110,37 @@ async def test_a_message_that_cannot_be_settled_is_never_covered_by_a_later_bulk
     await handle_in_turn(consumer(handled), poison, good)
     assert poison.settled == []
     assert channel.acks == [(2, False)], "a bulk ack covered a message neither acked nor rejected"
+
+
+async def test_a_channel_closed_with_a_cancellation_as_reason_is_an_outage_not_the_end_of_the_relay(
+    monkeypatch: Any,
+) -> None:
+    # aiormq closes the channels of a connection it found stuck (a frozen broker) with the
+    # reader task's CancelledError as the reason: the verdict must be an error the relay catches.
+    loop = asyncio.get_running_loop()
+    confirmation, closed = loop.create_future(), loop.create_future()
+    closed.set_exception(asyncio.CancelledError())
+    verdict = _verdict(confirmation, closed)
+    assert isinstance(verdict, Exception) and not _refusal(verdict, alone=True)
+
+    # And a CancelledError that is not aimed at the relay's task does not end it.
+    served: list[int] = []
+
+    class Conn:
+        async def close(self) -> None:
+            return None
+
+    async def connect(*args: Any, **kwargs: Any) -> Conn:
+        return Conn()
+
+    async def serve(self: OutboxRelay, conn: Any) -> None:
+        served.append(1)
+        if len(served) == 1:
+            raise asyncio.CancelledError()
+        self._stopping.set()
+
+    monkeypatch.setattr(outbox.asyncpg, "connect", connect)
+    monkeypatch.setattr(OutboxRelay, "_serve", serve)
+    relay = OutboxRelay("postgresql://unused", None, "orders")  # type: ignore[arg-type]
+    await asyncio.wait_for(relay._run(), 10)
+    assert len(served) == 2, "the relay ended at a CancelledError it was not the target of"

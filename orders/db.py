@@ -136,11 +136,3 @@ WITH gone AS (
     RETURNING 1)
 SELECT count(*) FROM gone
 """
-PURGE_INBOX = """
-WITH gone AS (
-    DELETE FROM inbox WHERE message_id IN (
-        SELECT message_id FROM inbox WHERE handled_at < now() - interval '7 days'
-        ORDER BY handled_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-    RETURNING 1)
-SELECT count(*) FROM gone
-"""

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from orders import consumer
 from orders.api import router
-from orders.db import OLDEST_PENDING_SECONDS, PURGE_IDEMPOTENCY_KEYS, PURGE_INBOX
+from orders.db import OLDEST_PENDING_SECONDS, PURGE_IDEMPOTENCY_KEYS
 from orders.fastlane import FastLane
 from orders.reconciler import reconcile_forever
 from orders.service import Intake
@@ -18,7 +18,7 @@ from shared import metrics, tracing
 from shared.batching import Batcher
 from shared.broker import open_broker
 from shared.consumer import TRANSIENT, Consumer
-from shared.db import create_pool
+from shared.db import PURGE_INBOX, create_pool
 from shared.gauges import dead_letter_gauges, outbox_gauges
 from shared.health import broker_check, database_check
 from shared.logs import configure_logging

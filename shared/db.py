@@ -118,6 +118,18 @@ async def first_deliveries(conn: asyncpg.Connection, message_ids: list[str]) -> 
     return {r["message_id"] for r in rows}
 
 
+# Inbox retention (API.md §6, shared/retention.py): at most $1 entries older than 7 days, oldest
+# first, over the index on handled_at; counts them.
+PURGE_INBOX = """
+WITH gone AS (
+    DELETE FROM inbox WHERE message_id IN (
+        SELECT message_id FROM inbox WHERE handled_at < now() - interval '7 days'
+        ORDER BY handled_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING 1)
+SELECT count(*) FROM gone
+"""
+
+
 async def migrate(dsn: str, migrations: Traversable) -> list[str]:
     """Applies the `*.sql` files of `migrations` (a service's MIGRATIONS) in name order, each once,
     each in its own transaction."""

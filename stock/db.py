@@ -357,14 +357,6 @@ FROM stock_order WHERE state = 'held' AND expires_at <= clock_timestamp()
 
 # ----- retention (shared/retention.py, API.md §6) ----------------------------------------------
 # Each deletes at most $1 rows due for deletion, oldest first, over an index, and counts them.
-PURGE_INBOX = """
-WITH gone AS (
-    DELETE FROM inbox WHERE message_id IN (
-        SELECT message_id FROM inbox WHERE handled_at < now() - interval '7 days'
-        ORDER BY handled_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-    RETURNING 1)
-SELECT count(*) FROM gone
-"""
 # A cancelled order's row (its tombstone: a late PedidoCriado finds it and holds nothing) and
 # its last answer. Held lines never belong to a cancelled order: they went when it was released.
 PURGE_TOMBSTONES = """

@@ -14,7 +14,7 @@ from shared import metrics
 from shared.batching import Batcher
 from shared.broker import Broker, open_broker
 from shared.consumer import TRANSIENT, Consumer
-from shared.db import create_pool
+from shared.db import PURGE_INBOX, create_pool
 from shared.gauges import dead_letter_gauges, outbox_gauges
 from shared.health import broker_check, database_check
 from shared.messaging import STOCK_ORDERS
@@ -31,7 +31,7 @@ from stock.reserve import Arrival
 log = logging.getLogger(__name__)
 
 # Retention (API.md §6): what the stock database lets go of (never the ledger).
-PURGES = [Purge("stock_inbox", db.PURGE_INBOX), Purge("tombstones", db.PURGE_TOMBSTONES)]
+PURGES = [Purge("stock_inbox", PURGE_INBOX), Purge("tombstones", db.PURGE_TOMBSTONES)]
 
 
 async def sweep_forever(pool: asyncpg.Pool, settings: Settings, stopping: asyncio.Event) -> None:

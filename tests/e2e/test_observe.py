@@ -38,7 +38,10 @@ async def test_prometheus_sees_every_process_up(running: Stack, tmp_path: Path) 
         async with httpx.AsyncClient(base_url=url, timeout=5) as client:
 
             async def all_up() -> list[dict]:
-                response = await client.get("/api/v1/targets")
+                try:
+                    response = await client.get("/api/v1/targets")
+                except httpx.TransportError as error:  # Prometheus not listening yet
+                    raise AssertionError(f"prometheus not answering yet: {error!r}") from error
                 assert response.status_code == 200
                 active = response.json()["data"]["activeTargets"]
                 assert len(active) == 3 + WORKERS + 1

@@ -52,7 +52,8 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Nobody listens on 127.0.0.1:`port` (tooling picks ports with it; so do the test suites)."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -186,7 +187,7 @@ class Rabbit:
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.port + 20000 if self.port < 45000 else self.port - 20000),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_MNESIA_BASE": str(home / "mnesia"),
@@ -195,6 +196,11 @@ class Rabbit:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(home / "rabbitmq.pid"),
         }
+
+    @property
+    def dist_port(self) -> int:
+        """Erlang distribution port, derived from the AMQP port (25672 for 5672)."""
+        return self.port + 20000 if self.port < 45000 else self.port - 20000
 
     @property
     def prometheus_port(self) -> int:
@@ -215,7 +221,7 @@ class Rabbit:
         # RabbitMQ's own Prometheus endpoint (queue depths, connections, node health), on a port
         # derived from AMQP's (15692 for 5672) so several local brokers never collide.
         # A port someone else holds would stop the node from booting: then it runs without.
-        plugin = _bindable(self.prometheus_port)
+        plugin = bindable(self.prometheus_port)
         (home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n" if plugin else "[].\n")
         (home / "rabbitmq.conf").write_text("loopback_users = none\n" + (
             f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"

@@ -24,7 +24,7 @@ from shared.messaging import EXCHANGE, build_message
 from shared.settings import Settings
 from tooling import ha
 from tooling.access import url_users
-from tooling.devenv import Postgres, Rabbit, ha_enabled, local_servers, up, wait_ready
+from tooling.devenv import Postgres, Rabbit, bindable, ha_enabled, local_servers, up, wait_ready
 from tooling.ha import RabbitCluster
 from tooling.migrate import MIGRATIONS
 
@@ -43,18 +43,10 @@ def free_port_block(size: int) -> int:
     for _ in range(100):
         # Below the ephemeral range (32768+), where the OS never hands a port out by itself.
         base = random.randrange(20000, 32000)
-        if all(_port_free(base + i) for i in range(size)):
+        if all(bindable(base + i) for i in range(size)):
             return base
     raise RuntimeError(f"no block of {size} free ports found")
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _with_db(url: str, database: str) -> str:

@@ -10,7 +10,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import time
 import uuid
 import zlib
@@ -22,7 +21,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.faults.tools import RESULTS, report_table
-from tooling.devenv import Postgres, Rabbit
+from tooling.devenv import Postgres, Rabbit, bindable
 from tooling.stack import ROOT, Stack, free_port
 
 RUN_DIR = ROOT / ".run" / "faults"
@@ -47,24 +46,12 @@ class FaultServers:
     rabbit: Rabbit
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _dist_port(port: int) -> int:
-    """The Erlang distribution port devenv.Rabbit derives from the AMQP port."""
-    return port + 20000 if port < 45000 else port - 20000
 
 
 def _rabbit_port() -> int:
     for _ in range(100):
         port = free_port()
-        if _bindable(_dist_port(port)):
+        if bindable(Rabbit(RUN_DIR, port).dist_port):
             return port
     raise RuntimeError("no free AMQP port whose distribution port is free too")
 

@@ -91,12 +91,13 @@ async def _wait_for_change(
             if remaining <= 0:
                 return order
             try:
-                await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
+                changed = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
             except TimeoutError:
-                pass
+                changed = None
         finally:
             waiters.discard(order["order_id"], future)
-        order = await db.fetch_order(pool, order_id) or order
+        # The order as this process's consumer just wrote it, else as it is now.
+        order = changed or await db.fetch_order(pool, order_id) or order
         if asyncio.get_running_loop().time() >= deadline:
             return order
     return order

@@ -6,6 +6,7 @@ whatever arrived meanwhile, with one statement locking the batch's orders and on
 (orders/service.py apply_answers)."""
 
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 from asgi_correlation_id import correlation_id
@@ -20,10 +21,12 @@ from shared.events import AtualizarStatus
 Pending = tuple[AtualizarStatus, str, str | None]  # the answer, its message_id, its request id
 
 
-def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]):  # type: ignore[no-untyped-def]
-    """`on_applied` hears, after commit, which orders the batch touched (long-poll wake-ups)."""
+def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[dict[str, dict[str, Any]]], None]):  # type: ignore[no-untyped-def]
+    """`on_applied` hears, after commit, the orders the batch changed, as written (long-poll
+    wake-ups answer with them)."""
 
     async def flush(batch: list[Pending]) -> None:
+        changed: dict[str, dict[str, Any]] = {}
         async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
             fresh = await first_deliveries(conn, [message_id for _, message_id, _ in batch])
             todo: list[Pending] = []
@@ -32,8 +35,8 @@ def apply_pending(pool: asyncpg.Pool, on_applied: Callable[[list[str]], None]): 
                     fresh.discard(pending[1])  # the same message twice in one batch counts once
                     todo.append(pending)
             if todo:
-                await apply_answers(conn, [(answer, request_id) for answer, _, request_id in todo])
-        on_applied([str(answer.order_id) for answer, _, _ in todo])
+                changed = await apply_answers(conn, [(answer, request_id) for answer, _, request_id in todo])
+        on_applied(changed)
 
     return flush
 

@@ -25,10 +25,12 @@ WITH new AS (
     SELECT order_id, customer_id, store_id, stores::jsonb, split, items::jsonb, 'pending' FROM new
     RETURNING {ORDER_COLUMNS}
 ), announced AS (
-    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body)
-    SELECT event_id, 'PedidoCriado', order_id::text, request_id, traceparent, body::jsonb FROM new
+    -- claimed: published by this process right after the commit (shared/handover.py)
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body, claimed)
+    SELECT event_id, 'PedidoCriado', order_id::text, request_id, traceparent, body::jsonb, true FROM new
+    RETURNING id, correlation_id
 )
-SELECT * FROM created
+SELECT c.*, a.id AS outbox_id FROM created c JOIN announced a ON a.correlation_id = c.order_id::text
 """
 
 SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
@@ -39,13 +41,14 @@ LOCK_ORDERS = "SELECT order_id, status, attempt FROM orders WHERE order_id = ANY
 
 # Stock's answers of a batch, each order's final state (orders/service.py apply_answers).
 # A null allocations keeps the order's own (orders/domain.py Update).
-SET_STATUSES = """
+SET_STATUSES = f"""
 UPDATE orders o SET status = n.status, reason = n.reason, unavailable = n.unavailable::jsonb,
                     allocations = coalesce(n.allocations::jsonb, o.allocations),
                     reserved_until = n.reserved_until, updated_at = now()
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
      AS n(order_id, status, reason, unavailable, allocations, reserved_until)
 WHERE o.order_id = n.order_id
+RETURNING {", ".join(f"o.{c}" for c in ORDER_COLUMNS.split(", "))}
 """
 
 SET_STATUS = f"""

@@ -26,7 +26,7 @@ from shared.batching import Batcher
 from shared.db import UNAVAILABLE as DATABASE_UNAVAILABLE
 from shared.events import AtualizarStatus, Line, PedidoCancelado, PedidoConfirmado, PedidoCriado
 from shared.messaging import TRACEPARENT
-from shared.outbox import add_to_outbox, wake_relays
+from shared.outbox import add_to_outbox, hand_over, wake_relays
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,12 @@ class Intake:
             order, created = await self._create_once(body, idempotency_key)
             if not created:
                 return order, False
-        wake_relays()
         metrics.order_status(Status.PENDING.value)
         return order, True
 
     async def _write(self, batch: list[tuple[NewOrder, dict[str, Any]]]) -> None:
-        orders = await _insert_announced(self.pool, [values for values, _ in batch])
+        orders, announced = await _insert_announced(self.pool, [values for values, _ in batch])
+        hand_over(announced)  # one statement: committed
         for (_, slot), order in zip(batch, orders, strict=True):
             slot["order"] = order
 
@@ -116,9 +116,10 @@ class Intake:
                         422, "this Idempotency-Key was used with a different request body"
                     )
                 return seen["response"], False
-            [order] = await _insert_announced(conn, [_new_order_row(body)])
+            [order], announced = await _insert_announced(conn, [_new_order_row(body)])
             await conn.execute(db.SAVE_IDEMPOTENCY_KEY, idempotency_key, digest,
                                uuid.UUID(order["order_id"]), order)
+        hand_over(announced)
         return order, True
 
 
@@ -146,11 +147,20 @@ def _new_order_row(body: dict[str, Any]) -> NewOrder:
 
 async def _insert_announced(
     conn: asyncpg.Connection | asyncpg.Pool, rows: list[NewOrder]
-) -> list[dict[str, Any]]:
-    """Inserts the orders with their events in one statement; the orders in the rows' order."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Inserts the orders with their claimed PedidoCriado in one statement: the orders in the
+    rows' order, and the outbox rows to hand over once committed (shared/handover.py)."""
     written = await conn.fetch(db.INSERT_ORDERS_ANNOUNCED, *zip(*rows, strict=True))
     by_id = {row["order_id"]: row for row in written}
-    return [db.to_order(by_id[row.order_id]) for row in rows]
+    return ([db.to_order(by_id[row.order_id]) for row in rows],
+            [_announcement(row, by_id[row.order_id]["outbox_id"]) for row in rows])
+
+
+def _announcement(row: NewOrder, outbox_id: int) -> dict[str, Any]:
+    """A new order's claimed outbox row, as shared.handover publishes it."""
+    return {"id": outbox_id, "event_id": str(row.event_id), "event_type": "PedidoCriado",
+            "correlation_id": str(row.order_id), "request_id": row.request_id,
+            "traceparent": row.traceparent, "body": row.body}
 
 
 async def confirm(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, Any]:
@@ -187,11 +197,14 @@ async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, An
     return order
 
 
-async def apply_answers(conn: asyncpg.Connection, answers: list[tuple[AtualizarStatus, str | None]]) -> None:
+async def apply_answers(
+    conn: asyncpg.Connection, answers: list[tuple[AtualizarStatus, str | None]]
+) -> dict[str, dict[str, Any]]:
     """Applies a batch of stock's answers, each with its request id, in arrival order. The caller
     holds the transaction and has checked the inbox. Every order of the batch is locked by one
     statement (in order_id order, so concurrent batches cannot deadlock) and written by one: the
-    state machine runs in memory in between, so two answers for one order apply in turn."""
+    state machine runs in memory in between, so two answers for one order apply in turn.
+    Returns the orders it changed, as written (by order id)."""
     rows = await conn.fetch(db.LOCK_ORDERS, sorted({answer.order_id for answer, _ in answers}))
     state = {row["order_id"]: (Status(row["status"]), row["attempt"]) for row in rows}
     final: dict[uuid.UUID, Update] = {}
@@ -212,13 +225,15 @@ async def apply_answers(conn: asyncpg.Connection, answers: list[tuple[AtualizarS
         final[answer.order_id] = outcome.update
         state[answer.order_id] = (outcome.update.status, attempt)
         metrics.order_status(outcome.update.status.value)
-    if final:
-        await conn.execute(db.SET_STATUSES, list(final), [u.status.value for u in final.values()],
-                           [u.reason for u in final.values()],
-                           [orjson.dumps(u.unavailable or []).decode() for u in final.values()],
-                           [None if u.allocations is None else orjson.dumps(u.allocations).decode()
-                            for u in final.values()],
-                           [u.reserved_until for u in final.values()])
+    if not final:
+        return {}
+    written = await conn.fetch(db.SET_STATUSES, list(final), [u.status.value for u in final.values()],
+                               [u.reason for u in final.values()],
+                               [orjson.dumps(u.unavailable or []).decode() for u in final.values()],
+                               [None if u.allocations is None else orjson.dumps(u.allocations).decode()
+                                for u in final.values()],
+                               [u.reserved_until for u in final.values()])
+    return {str(row["order_id"]): db.to_order(row) for row in written}
 
 
 async def _lock(conn: asyncpg.Connection, order_id: uuid.UUID) -> asyncpg.Record:

@@ -1,14 +1,16 @@
 """Long-poll support: wakes `GET /orders/{id}?wait=` as soon as the order's status changes.
 
-A change applied by this process wakes its waiters at once (`changed`, called after commit).
+A change applied by this process wakes its waiters at once (`changed`, called after commit),
+handing them the order as the change wrote it: the long-poll answers without reading it again.
 Changes made by another orders process are found by one query every POLL_SECONDS for all
-waiting orders together, and only while someone waits. (PostgreSQL NOTIFY would wake them too,
-but it serialises every commit on the server: see shared/outbox.py.)"""
+waiting orders together, and only while someone waits (the poller sleeps otherwise). (PostgreSQL
+NOTIFY would wake them too, but it serialises every commit on the server: see shared/outbox.py.)"""
 
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
 
 import asyncpg
 
@@ -23,7 +25,10 @@ class StatusWaiters:
     def __init__(self, pool: asyncpg.Pool, max_waiting: int) -> None:
         self.pool = pool
         self.capacity = Capacity("long-polls", max_waiting)
-        self._waiting: dict[str, dict[asyncio.Future[None], str]] = defaultdict(dict)
+        # order id -> {future: the status its waiter read}; a future's result is the order as
+        # written by the change, or None when only the fact of a change is known
+        self._waiting: dict[str, dict[asyncio.Future[dict[str, Any] | None], str]] = defaultdict(dict)
+        self._someone = asyncio.Event()  # set while anyone waits: the poller sleeps otherwise
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -33,27 +38,35 @@ class StatusWaiters:
         if self._task:
             self._task.cancel()
 
-    def register(self, order_id: str, status: str) -> asyncio.Future[None]:
-        """A future resolved when the order leaves `status` (the status the caller just read)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def register(self, order_id: str, status: str) -> "asyncio.Future[dict[str, Any] | None]":
+        """A future resolved when the order leaves `status` (the status the caller just read):
+        with the order as changed, or None if it must be read again."""
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self._waiting[order_id][future] = status
+        self._someone.set()
         return future
 
-    def discard(self, order_id: str, future: asyncio.Future[None]) -> None:
+    def discard(self, order_id: str, future: "asyncio.Future[dict[str, Any] | None]") -> None:
         waiting = self._waiting.get(order_id)
         if waiting is not None:
             waiting.pop(future, None)
             if not waiting:
                 self._waiting.pop(order_id, None)
+        if not self._waiting:
+            self._someone.clear()
 
-    def changed(self, order_ids: Iterable[str]) -> None:
-        for order_id in order_ids:
+    def changed(self, orders: Mapping[str, dict[str, Any] | None]) -> None:
+        """After a commit: these orders changed, each as given (None: read it again)."""
+        for order_id, order in orders.items():
             for future in self._waiting.pop(order_id, {}):
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(order)
+        if not self._waiting:
+            self._someone.clear()
 
     async def _poll(self) -> None:
         while True:
+            await self._someone.wait()
             await asyncio.sleep(POLL_SECONDS)
             if not self._waiting:
                 continue
@@ -64,4 +77,4 @@ class StatusWaiters:
                 continue
             moved = [r["order_id"] for r in rows
                      if any(seen != r["status"] for seen in self._waiting.get(r["order_id"], {}).values())]
-            self.changed(moved)
+            self.changed(dict.fromkeys(moved))

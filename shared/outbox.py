@@ -1,19 +1,21 @@
-"""Transactional outbox: events are written with the state change, and a relay publishes them.
+"""Transactional outbox: events are written with the state change, and published after it.
 
-Every process that writes events runs a relay, and a writer wakes the relay of its own process
-after its commit (`wake_relays`): the events of an order leave at once from the process that
-wrote them, and no process polls for another's. A relay takes rows with `FOR UPDATE SKIP LOCKED`
-inside a transaction that deletes them, publishes them with publisher confirms and commits only
-once the broker confirmed them: relays of several processes never take the same row, and a
-relay that dies mid-way leaves its rows to be taken again. Any row not woken for (its writer
-died between commit and wake-up) is found by the slow look every relay takes every
-SWEEP_SECONDS. A row published twice (a crash after the confirm, before the commit) is a
-no-op at its consumer (inbox).
+Two ways out, both with publisher confirms:
+- The hot writers claim their rows and publish them themselves from memory right after their
+  commit (shared/handover.py): no read of the outbox on the way of an order.
+- Every other writer wakes its own process's relays after its commit (`wake_relays`). A relay
+  takes rows with `FOR UPDATE SKIP LOCKED` inside a transaction that deletes them, publishes
+  them and commits only once the broker confirmed them: relays of several processes never take
+  the same row, and a relay that dies mid-way leaves its rows to be taken again. A relay takes
+  a claimed row only once it is ORPHAN_SECONDS old (its writer died before publishing it), and
+  any row nobody woke a relay for at its slow look every SWEEP_SECONDS.
+A row published twice (a crash after the confirm, before the delete) is a no-op at its
+consumer (inbox).
 
-Order: rows leave in id order within one relay's batch, but relays of different processes
-overtake each other freely. Nothing relies on order across messages: consumers use the order's
-`attempt` and state machine, and stock changes carry their `version`
-(tests/integration/test_reordering.py delivers every answer in every order).
+Order: rows leave in id order within one batch, but processes overtake each other freely.
+Nothing relies on order across messages: consumers use the order's `attempt` and state machine,
+and stock changes carry their `version` (tests/integration/test_reordering.py delivers every
+answer in every order).
 
 A row the broker refuses (properties beyond the frame size, unroutable, nacked, refused by a
 policy) never holds back the rows behind it: it is tried RETRIES times, then moved to
@@ -22,7 +24,8 @@ A broker that is down or failing over refuses nothing: its rows wait, uncounted.
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import aiormq
 import asyncpg
@@ -30,25 +33,21 @@ from aio_pika.abc import AbstractExchange
 
 from shared import metrics
 from shared.events import Event
-from shared.messaging import (
-    ROUTED_EVENTS,
-    TRACEPARENT,
-    FrameTooLarge,
-    Outgoing,
-    build_properties,
-    publish_each,
-)
-from shared.tracing import published
+from shared.handover import HandOver, outgoing
+from shared.messaging import ROUTED_EVENTS, TRACEPARENT, FrameTooLarge, publish_each
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
 RETRIES = 5  # tries of a row the broker refuses, before it is set aside
-SWEEP_SECONDS = 2.0  # the slow look for rows nobody woke a relay for
+SWEEP_SECONDS = 5.0  # the slow look for rows nobody woke a relay for
+ORPHAN_SECONDS = 10.0  # a claimed row this old lost its writer (shared/handover.py)
 LANES = ("orders", "stock-changes")
 
 _COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, traceparent, body::text AS body, attempts"
-_LANE = {"orders": "event_type = ANY($1::text[])", "stock-changes": "event_type <> ALL($1::text[])"}
+_UNCLAIMED = f"(NOT claimed OR created_at < now() - interval '{ORPHAN_SECONDS:g} seconds')"
+_LANE = {"orders": f"event_type = ANY($1::text[]) AND {_UNCLAIMED}",
+         "stock-changes": f"event_type <> ALL($1::text[]) AND {_UNCLAIMED}"}
 TAKE = {lane: f"""DELETE FROM outbox WHERE id IN (
     SELECT id FROM outbox WHERE {where} ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
 RETURNING {_COLUMNS}""" for lane, where in _LANE.items()}
@@ -97,7 +96,6 @@ class OutboxRelay:
         self.dsn = dsn
         self.exchange = exchange
         self.lane = lane
-        self._mandatory = lane == "orders"
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -177,7 +175,7 @@ class OutboxRelay:
                               key=lambda r: r["id"])
                 if not rows:
                     return 0
-                verdicts = await publish_each(self.exchange, [self._outgoing(r) for r in rows])
+                verdicts = await publish_each(self.exchange, [outgoing(r) for r in rows])
                 if any(v is not None for v in verdicts):
                     raise _Unsettled(rows, verdicts)
         except _Unsettled as unsettled:
@@ -214,12 +212,6 @@ class OutboxRelay:
                 self._one_by_one = len(rows)  # the channel was closed by something in this batch
             raise outage  # the relay pauses, then tries again
 
-    def _outgoing(self, row: asyncpg.Record) -> Outgoing:
-        properties = build_properties(event_id=row["event_id"], event_type=row["event_type"],
-                                      correlation_id=row["correlation_id"], request_id=row["request_id"],
-                                      traceparent=published(row["traceparent"], row["event_type"]))
-        return Outgoing(row["body"].encode(), row["event_type"], properties, mandatory=self._mandatory)
-
 
 def _cancelled() -> bool:
     task = asyncio.current_task()
@@ -242,19 +234,32 @@ def _refusal(verdict: BaseException, alone: bool) -> bool:
 
 
 _RUNNING: list[OutboxRelay] = []
+_HANDING_OVER: list[HandOver] = []
 
 
-def start_relays(dsn: str, exchange: AbstractExchange, lanes: Sequence[str] = LANES) -> list[OutboxRelay]:
-    relays = [OutboxRelay(dsn, exchange, lane) for lane in lanes]
-    for relay in relays:
+class Relays(NamedTuple):
+    lanes: list[OutboxRelay]
+    hand_over: HandOver
+
+
+def start_relays(dsn: str, exchange: AbstractExchange, lanes: Sequence[str] = LANES) -> Relays:
+    relays = Relays([OutboxRelay(dsn, exchange, lane) for lane in lanes], HandOver(dsn, exchange, wake_relays))
+    for relay in relays.lanes:
         relay.start()
-    _RUNNING.extend(relays)
+    relays.hand_over.start()
+    _RUNNING.extend(relays.lanes)
+    _HANDING_OVER.append(relays.hand_over)
     return relays
 
 
-async def stop_relays(relays: list[OutboxRelay]) -> None:
-    await asyncio.gather(*(relay.stop() for relay in relays))
-    for relay in relays:
+async def stop_relays(relays: Relays | None) -> None:
+    """What is in hand and what is written leave first (graceful stop)."""
+    if relays is None:
+        return
+    _HANDING_OVER.remove(relays.hand_over)
+    await relays.hand_over.stop()
+    await asyncio.gather(*(relay.stop() for relay in relays.lanes))
+    for relay in relays.lanes:
         _RUNNING.remove(relay)
 
 
@@ -262,6 +267,15 @@ def wake_relays() -> None:
     """Called by a writer after its commit: its events leave now, from this process."""
     for relay in _RUNNING:
         relay.wake()
+
+
+def hand_over(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Called by a hot writer after its commit with the claimed rows it wrote (RETURNING
+    shared.handover.WRITTEN_COLUMNS): this process publishes them now. With no relay running
+    (OUTBOX_RELAY=false) they stay in the table, like every other row."""
+    if rows:
+        for handing in _HANDING_OVER[:1]:
+            handing.give(rows)
 
 
 

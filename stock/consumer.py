@@ -16,7 +16,7 @@ from shared.consumer import Route, Routes
 from shared.db import first_delivery
 from shared.events import PedidoCancelado, PedidoConfirmado, PedidoCriado
 from shared.messaging import TRACEPARENT
-from shared.outbox import wake_relays
+from shared.outbox import hand_over, wake_relays
 from stock.holds import on_order_cancelled, on_order_confirmed
 from stock.reserve import Arrival, decide_batch
 
@@ -26,8 +26,8 @@ def decide_pending(pool: asyncpg.Pool, ttl_seconds: float) -> Callable[[list[Arr
 
     async def flush(batch: list[Arrival]) -> None:
         async with metrics.after_commit(), pool.acquire() as conn, conn.transaction():
-            await decide_batch(conn, batch, ttl_seconds)
-        wake_relays()
+            written = await decide_batch(conn, batch, ttl_seconds)
+        hand_over(written)
 
     return flush
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from shared.handover import WRITTEN_COLUMNS
 from stock.domain import Change
 
 ITEM_COLUMNS = "store_id, sku, on_hand, reserved, on_hand - reserved AS available, version, updated_at"
@@ -306,14 +307,19 @@ WITH decided AS (
     FROM (SELECT DISTINCT ON (store_id, sku) * FROM m ORDER BY store_id, sku, version DESC) last
     WHERE s.store_id = last.store_id AND s.sku = last.sku
 ), changes AS (
-    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body)
-    SELECT event_id, 'EstoqueAlterado', order_id::text, request_id, {_stock_changed("at", "'reserved'")}
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body, claimed)
+    SELECT event_id, 'EstoqueAlterado', order_id::text, request_id, {_stock_changed("at", "'reserved'")}, true
     FROM m ORDER BY store_id, sku, version
+    RETURNING {WRITTEN_COLUMNS}
+), answers AS (
+    INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body, traceparent, claimed)
+    SELECT event_id, 'AtualizarStatus', correlation_id, request_id, body, traceparent, true
+    FROM unnest($15::uuid[], $16::text[], $17::text[], $18::jsonb[], $19::text[])
+        AS a(event_id, correlation_id, request_id, body, traceparent)
+    RETURNING {WRITTEN_COLUMNS}
 )
-INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body, traceparent)
-SELECT event_id, 'AtualizarStatus', correlation_id, request_id, body, traceparent
-FROM unnest($15::uuid[], $16::text[], $17::text[], $18::jsonb[], $19::text[])
-    AS a(event_id, correlation_id, request_id, body, traceparent)
+-- claimed: this worker publishes them right after its commit (shared/handover.py)
+SELECT * FROM answers UNION ALL SELECT * FROM changes
 """
 IMPORT_STORES = "SELECT DISTINCT store_id FROM import_row ORDER BY store_id"
 
@@ -321,10 +327,10 @@ IMPORT_STORES = "SELECT DISTINCT store_id FROM import_row ORDER BY store_id"
 # decided (stock/reserve.py asked_again): the last answer given (stock_answer, kept by a trigger
 # on the outbox, migration 020), or for an order answered before answers were kept, one made
 # from its state ($3, $4: request ids and traceparents). Reads only; the caller holds the orders' locks.
-ANSWER_AGAIN = """
-INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body)
+ANSWER_AGAIN = f"""
+INSERT INTO outbox (event_id, event_type, correlation_id, request_id, traceparent, body, claimed)
 SELECT event_id, 'AtualizarStatus', order_id::text, request_id, traceparent,
-       body || jsonb_build_object('event_id', event_id, 'occurred_at', clock_timestamp())
+       body || jsonb_build_object('event_id', event_id, 'occurred_at', clock_timestamp()), true
 FROM (
     SELECT gen_random_uuid() AS event_id, o.order_id, r.request_id, r.traceparent, coalesce(a.body, jsonb_build_object(
         'event_type', 'AtualizarStatus', 'order_id', o.order_id, 'attempt', o.attempt,
@@ -347,6 +353,7 @@ FROM (
     -- on it (the order is cancelled in orders), so a late PedidoCriado still gets silence
     WHERE NOT (o.state = 'cancelled' AND a.body IS NULL)
 ) again
+RETURNING {WRITTEN_COLUMNS}
 """
 
 # holds_overdue_seconds: how far the expiry sweep is behind (stock_order_expiring keeps it cheap)

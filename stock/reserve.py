@@ -132,9 +132,10 @@ def asked_again(cmds: list[PedidoCriado], known: dict[uuid.UUID, asyncpg.Record]
     return [cmd for cmd in cmds if cmd.order_id in known and known[cmd.order_id]["attempt"] == cmd.attempt]
 
 
-async def decide_batch(conn: asyncpg.Connection, batch: list[Arrival], ttl_seconds: float) -> None:
+async def decide_batch(conn: asyncpg.Connection, batch: list[Arrival], ttl_seconds: float) -> list[asyncpg.Record]:
     """Decides the batch inside the caller's transaction, each message recorded in the inbox; a
-    message handled before changes nothing. Each order's request id goes into its events."""
+    message handled before changes nothing. Each order's request id goes into its events.
+    Returns the claimed outbox rows written, for the caller to hand over once committed."""
     locked = await _lock(conn, [a.cmd for a in batch], [a.message_id for a in batch])
     firsts: list[PedidoCriado] = []
     for arrival in batch:
@@ -144,22 +145,25 @@ async def decide_batch(conn: asyncpg.Connection, batch: list[Arrival], ttl_secon
     request_ids = {a.cmd.order_id: a.request_id for a in batch}
     traces = {a.cmd.order_id: a.traceparent for a in batch}
     again = asked_again(firsts, locked.known)
+    written: list[asyncpg.Record] = []
     if again:  # the decision already made, answered again; no stock changes
-        await conn.execute(db.ANSWER_AGAIN, [c.order_id for c in again], [c.attempt for c in again],
-                           [request_ids.get(c.order_id) for c in again], [traces.get(c.order_id) for c in again])
+        written += await conn.fetch(db.ANSWER_AGAIN, [c.order_id for c in again], [c.attempt for c in again],
+                                    [request_ids.get(c.order_id) for c in again],
+                                    [traces.get(c.order_id) for c in again])
         metrics.hold("answered_again", len(again))
     cmds = fresh_commands(firsts, locked.known)
     if not cmds:
-        return
+        return written
     expires_at = locked.now + timedelta(seconds=ttl_seconds)
     writes = Writes()
     for cmd in cmds:
         _decide_one(cmd, locked.items, expires_at, writes, request_ids.get(cmd.order_id),
                     traces.get(cmd.order_id))
-    await conn.execute(db.SAVE_DECISIONS, *_columns(writes.orders, DecidedRow),
-                       *_columns(writes.movements, MovementRow), *_columns(writes.answers, AnswerRow))
+    written += await conn.fetch(db.SAVE_DECISIONS, *_columns(writes.orders, DecidedRow),
+                                *_columns(writes.movements, MovementRow), *_columns(writes.answers, AnswerRow))
     for cmd in cmds:
         metrics.decided(cmd.occurred_at)
+    return written
 
 
 def candidate_items(cmds: list[PedidoCriado]) -> list[tuple[str, str]]:

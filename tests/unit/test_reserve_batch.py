@@ -24,6 +24,8 @@ class FakeConnection:
         self.calls.append((sql, args))
         if sql == db.CLAIM_MESSAGES:
             return [{"message_id": m} for m in args[1]]
+        if sql in (db.SAVE_DECISIONS, db.ANSWER_AGAIN):
+            return []  # the claimed outbox rows: nothing to hand over here
         assert sql == db.LOCK_ROWS
         return [{"kind": "item", "store_id": s, "sku": k, "on_hand": self.stock[(s, k)], "reserved": 0,
                  "version": 1, "updated_at": NOW, "now": NOW}

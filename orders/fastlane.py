@@ -67,6 +67,7 @@ class FastLane:
 
         async def answer() -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             order, _ = await intake.create(order_in.model_dump(), None)
+            self.app.state.waiters.accepted(order)
             location = f"/orders/{order['order_id']}".encode()
             return 202, orjson.dumps(order), [*JSON_HEADERS, (b"location", location)]
 
@@ -81,7 +82,8 @@ class FastLane:
         state = self.app.state
 
         async def answer() -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-            order = await db.fetch_order(state.pool, order_id)
+            # A long-poll right after the POST starts waiting without a read (orders/waiters.py).
+            order = (wait > 0 and state.waiters.undecided(raw_id)) or await db.fetch_order(state.pool, order_id)
             if order is None:
                 return 0, b"", []  # the full app writes the 404
             if wait > 0:

@@ -211,6 +211,17 @@ class Rabbit:
         return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env(),
                               check=check, capture_output=True, text=True)
 
+    def config(self, prometheus: bool) -> str:
+        """The node's rabbitmq.conf."""
+        if not prometheus:
+            return "loopback_users = none\n"
+        return ("loopback_users = none\n"
+                f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"
+                # The plugin brings the management agent, whose statistics collectors serve only
+                # the management UI (not run here) and wake the idle broker every few seconds;
+                # the Prometheus endpoint reads the broker's core metrics, not theirs.
+                "management_agent.disable_metrics_collector = true\n")
+
     def ensure_running(self) -> bool:
         if not (RABBIT_BIN / "rabbitmq-server").exists():
             _apt_install("rabbitmq-server")
@@ -223,9 +234,7 @@ class Rabbit:
         # A port someone else holds would stop the node from booting: then it runs without.
         plugin = bindable(self.prometheus_port)
         (home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n" if plugin else "[].\n")
-        (home / "rabbitmq.conf").write_text("loopback_users = none\n" + (
-            f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"
-            if plugin else ""))
+        (home / "rabbitmq.conf").write_text(self.config(prometheus=plugin))
         if not plugin:
             say(f"port {self.prometheus_port} is taken: RabbitMQ's Prometheus plugin stays off")
         say(f"starting RabbitMQ on 127.0.0.1:{self.port} (data in {home})")

@@ -98,3 +98,13 @@ def test_rabbitmq_prometheus_port_follows_the_amqp_port(tmp_path: Path) -> None:
     assert Rabbit(tmp_path, 5672).prometheus_port == 15692  # RabbitMQ's own default
     assert Rabbit(tmp_path, 5673).prometheus_port == 15693  # HA: one per node
     assert Rabbit(tmp_path, 60000).prometheus_port == 49980  # stays a valid port
+
+
+def test_the_local_broker_runs_without_the_management_statistics(tmp_path: Path) -> None:
+    """The Prometheus plugin brings the management agent; its statistics collectors serve only a
+    management UI, which `make run` has not, and cost the idle broker CPU."""
+    conf = Rabbit(tmp_path, 5672).config(prometheus=True)
+    assert "prometheus.tcp.port = 15692" in conf
+    assert "management_agent.disable_metrics_collector = true" in conf.splitlines()
+    assert Rabbit(tmp_path, 5672).config(prometheus=False) == "loopback_users = none\n"
+

@@ -37,7 +37,24 @@ SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
 
 LOCK_ORDER = f"SELECT {ORDER_COLUMNS}, attempt FROM orders WHERE order_id = $1 FOR UPDATE"
 
-LOCK_ORDERS = "SELECT order_id, status, attempt FROM orders WHERE order_id = ANY($1::uuid[]) ORDER BY order_id FOR UPDATE"
+# A batch of stock's answers, one round trip before any write: its orders ($1) locked in
+# order_id order (so concurrent batches cannot deadlock) and returned as they are once locked
+# ('order' rows), then its message ids ($2) recorded in the inbox, those never handled before
+# returned ('message' rows). The order locks come first: two copies of one message in two
+# batches queue on their order instead of on each other's inbox row.
+CLAIM_ANSWERS = """
+WITH locked AS (
+    SELECT order_id, status, attempt FROM orders WHERE order_id = ANY($1::uuid[]) ORDER BY order_id FOR UPDATE
+), fresh AS (
+    INSERT INTO inbox (message_id)
+    SELECT DISTINCT message_id FROM unnest($2::text[]) AS message_id CROSS JOIN (SELECT count(*) FROM locked) l
+    ORDER BY message_id
+    ON CONFLICT DO NOTHING RETURNING message_id
+)
+SELECT 'order' AS kind, order_id, status, attempt, NULL::text AS message_id FROM locked
+UNION ALL
+SELECT 'message', NULL, NULL, NULL, message_id FROM fresh
+"""
 
 # Stock's answers of a batch, each order's final state (orders/service.py apply_answers).
 # A null allocations keeps the order's own (orders/domain.py Update).

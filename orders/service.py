@@ -198,14 +198,13 @@ async def reserve_again(pool: asyncpg.Pool, order_id: uuid.UUID) -> dict[str, An
 
 
 async def apply_answers(
-    conn: asyncpg.Connection, answers: list[tuple[AtualizarStatus, str | None]]
+    conn: asyncpg.Connection, answers: list[tuple[AtualizarStatus, str | None]], rows: list[asyncpg.Record]
 ) -> dict[str, dict[str, Any]]:
     """Applies a batch of stock's answers, each with its request id, in arrival order. The caller
-    holds the transaction and has checked the inbox. Every order of the batch is locked by one
-    statement (in order_id order, so concurrent batches cannot deadlock) and written by one: the
-    state machine runs in memory in between, so two answers for one order apply in turn.
+    holds the transaction, has checked the inbox and locked the orders (`rows`: status and
+    attempt of each, orders/db.py CLAIM_ANSWERS). They are written by one statement: the state
+    machine runs in memory in between, so two answers for one order apply in turn.
     Returns the orders it changed, as written (by order id)."""
-    rows = await conn.fetch(db.LOCK_ORDERS, sorted({answer.order_id for answer, _ in answers}))
     state = {row["order_id"]: (Status(row["status"]), row["attempt"]) for row in rows}
     final: dict[uuid.UUID, Update] = {}
     for answer, request_id in answers:

@@ -108,16 +108,6 @@ async def first_delivery(conn: asyncpg.Connection, message_id: str) -> bool:
     return status.endswith(" 1")
 
 
-async def first_deliveries(conn: asyncpg.Connection, message_ids: list[str]) -> set[str]:
-    """`first_delivery` for a batch: the ids among `message_ids` never handled before."""
-    rows = await conn.fetch(
-        "INSERT INTO inbox (message_id) SELECT DISTINCT unnest($1::text[]) "
-        "ON CONFLICT DO NOTHING RETURNING message_id",
-        message_ids,
-    )
-    return {r["message_id"] for r in rows}
-
-
 # Inbox retention (API.md §6, shared/retention.py): at most $1 entries older than 7 days, oldest
 # first, over the index on handled_at; counts them.
 PURGE_INBOX = """

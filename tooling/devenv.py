@@ -164,6 +164,13 @@ def _ensure_traversable(path: Path, user: str) -> None:
                              f"chmod o+x it or set RUN_DIR to a path under /tmp")
 
 
+# RabbitMQ before 3.11.x/3.12.x (Debian 12 ships 3.10) boots a whole Erlang VM every 60 s to make
+# sure epmd runs (rabbit_epmd_monitor; rabbitmq-server#10457 made that a cheap look): ~0.17 s of
+# CPU a minute, about what the rest of the idle broker costs. The monitor only re-registers the
+# node if epmd dies, and nothing here stops epmd; the broker registered itself as it booted.
+STOP_EPMD_MONITOR = "supervisor:terminate_child(rabbit_sup, rabbit_epmd_monitor_sup)."
+
+
 @dataclass
 class Rabbit:
     run_dir: Path
@@ -244,6 +251,7 @@ class Rabbit:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.ctl("await_startup", "--timeout", "5", check=False).returncode == 0 and _port_open(self.port):
+                self.ctl("eval", STOP_EPMD_MONITOR, check=False)
                 return True
             time.sleep(0.5)
         raise SystemExit(f"RabbitMQ did not start; see {home / 'server.log'}")

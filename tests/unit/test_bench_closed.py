@@ -4,6 +4,7 @@ process counters and the profile summary. No servers."""
 import asyncio
 import os
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -164,6 +165,24 @@ def test_a_process_and_its_children_are_counted_as_one_server_and_strangers_not_
             proc.kill()
             proc.wait()
 
+
+
+def test_a_server_helper_that_ends_within_the_run_is_counted() -> None:
+    """Like the Erlang VM RabbitMQ 3.10 boots every minute: a grandchild that lives half a second,
+    never seen alive by a snapshot; its CPU reaches the server's part through the process that
+    waited for it."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 0.3; sh -c 'timeout 0.5 sh -c \"while :; do :; done\"'; sleep 10"])
+    try:
+        before = probes.snapshot({"rabbitmq": parent.pid})
+        deadline = time.monotonic() + 5
+        burnt = 0.0
+        while burnt < 0.1 and time.monotonic() < deadline:
+            burnt = probes.difference(probes.snapshot({"rabbitmq": parent.pid}), before)["rabbitmq"]["cpu_s"]
+            time.sleep(0.05)
+        assert burnt >= 0.1
+    finally:
+        parent.kill()
+        parent.wait()
 
 def test_profile_samples_go_to_their_system_call_library_and_own_caller(tmp_path: Path) -> None:
     raw = tmp_path / "orders.txt"

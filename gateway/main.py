@@ -37,6 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         loader.cancel()
         await app.state.session.close()
+        proxy.wire.close()
 
 
 async def _load_openapi(app: FastAPI) -> None:

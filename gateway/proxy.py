@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.forward import Timeouts, Upstream, open_response, read_body
 from gateway.reply import Reply
 from gateway.upload import Upload
+from gateway.wire import Wire
 from shared import edge
 from shared.edge import Capacity, hides_dot_or_slash
 from shared.problems import Problem
@@ -52,7 +53,10 @@ class Proxy:
         self.long_polls = Capacity("long-polls", settings.max_long_polls)
         self.streams = Capacity("event streams", settings.max_feed_streams)
         self.metrics = edge.RouteMetrics("gateway")
+        # Event streams and the import (streamed both ways) go through aiohttp; every other
+        # forwarded request through the lean client.
         self.session: aiohttp.ClientSession | None = None  # opened by the app's lifespan
+        self.wire = Wire(settings.max_connections)
 
     def route(self, scope: Scope) -> tuple[str, Upstream | None] | None:
         """The metrics label and the upstream of a request's path; labels are the templates these
@@ -115,25 +119,29 @@ class Proxy:
             body = await edge.read_body(receive, edge.MAX_BODY_BYTES)
             if body is None:
                 return  # the client left while sending; nobody to answer
+            if streaming:
+                upstream_response = await self._open(scope, upstream, body, headers, wait, streaming)
+                reply_headers = _reply_headers(upstream_response)
+                if upstream_response.status == 200:
+                    await _stream(reply, reply_headers, upstream_response, receive)
+                    return
+                await reply.send(upstream_response.status, reply_headers, await read_body(upstream_response))
+                return
             if wait > 0:
                 answer = await edge.unless_client_leaves(
                     receive, self._exchange(scope, upstream, body, headers, wait))
                 if answer is not None:
                     await reply.send(*answer)
                 return
-            upstream_response = await self._open(scope, upstream, body, headers, wait, streaming)
-            reply_headers = _reply_headers(upstream_response)
-            if streaming and upstream_response.status == 200:
-                await _stream(reply, reply_headers, upstream_response, receive)
-                return
-            content = await read_body(upstream_response)
-            await reply.send(upstream_response.status, reply_headers, content)
+            await reply.send(*await self._exchange(scope, upstream, body, headers, wait))
 
     async def _exchange(self, scope: Scope, upstream: Upstream, body: bytes, headers: CIMultiDict[str],
                         wait: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        upstream_response = await self._open(scope, upstream, body, headers, wait, False)
-        content = await read_body(upstream_response)
-        return upstream_response.status, _reply_headers(upstream_response), content
+        """A buffered exchange, on the lean client (gateway/wire.py)."""
+        seconds, _ = self.timeouts.of(scope["path"], wait, False)
+        status, raw, content = await self.wire.exchange(
+            upstream, scope["method"], _target(scope, scope["query_string"]), body, list(headers.items()), seconds)
+        return status, [(name, value) for name, value in raw if name.lower() not in FROM_UPSTREAM_DROPPED], content
 
     def _held(self, streaming: bool, wait: float) -> contextlib.AbstractContextManager[None]:
         """A slot of the long-poll or event-stream cap for the request's time, if it is one."""

@@ -183,7 +183,8 @@ async def idle_point(target: Target, seconds: float, settle: float = 3.0) -> dic
 
 
 def idle_figures(usage: Usage) -> dict[str, Any]:
-    cores = usage.cores()
+    # Idle processes use a few ten-thousandths of a core each: a thousandth would round most to 0.
+    cores = usage.cores(digits=5)
     ours = sum(v for k, v in cores.items() if k not in ("machine", "bench-client"))
     return {"seconds": usage.wall_s, "cpu_share_of_one_core": cores,
             "stack_share_of_one_core": round(ours, 4), "process_counters": usage.parts}

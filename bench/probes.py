@@ -115,8 +115,8 @@ class Usage:
     def cpu_seconds(self) -> dict[str, float]:
         return {name: round(c["cpu_s"], 3) for name, c in self.parts.items()}
 
-    def cores(self) -> dict[str, float]:
-        return {name: round(c["cpu_s"] / max(self.wall_s, 1e-6), 3) for name, c in self.parts.items()}
+    def cores(self, digits: int = 3) -> dict[str, float]:
+        return {name: round(c["cpu_s"] / max(self.wall_s, 1e-6), digits) for name, c in self.parts.items()}
 
 
 @asynccontextmanager

@@ -200,7 +200,7 @@ def run_closed(args: argparse.Namespace, knobs: Knobs, wanted: list[str],
             if name == "idle":
                 point = _run(idle_point(target, args.idle_seconds))
                 points.append(point)
-                say(f"idle: the stack used {point['stack_share_of_one_core']:.3f} of one core")
+                say(f"idle: the stack used {100 * point['stack_share_of_one_core']:.2f}% of one core")
             elif name == "closed":
                 for clients in args.clients:
                     profile = report.RESULTS / "profiles" if args.profile else None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import costs, probes, profile, report
-from bench.closed import Jobs, closed_loop
+from bench.closed import Jobs, closed_loop, idle_figures
 from bench.run import parse_args
 
 
@@ -183,6 +183,17 @@ def test_a_server_helper_that_ends_within_the_run_is_counted() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_the_idle_stack_is_the_sum_of_its_processes_shares_not_of_rounded_ones() -> None:
+    """Idle services use a few ten-thousandths of a core each: rounded to thousandths first,
+    seven of them would add up to nothing."""
+    parts = {name: {"cpu_s": 0.024} for name in ("orders", "stock-api", "worker-0", "worker-1", "gateway",
+                                                 "postgresql", "rabbitmq")}
+    usage = probes.Usage(wall_s=60.0, parts=parts | {"machine": {"cpu_s": 30.0}, "bench-client": {"cpu_s": 6.0}})
+    figures = idle_figures(usage)
+    assert figures["stack_share_of_one_core"] == pytest.approx(7 * 0.024 / 60, abs=1e-4)
+    assert figures["cpu_share_of_one_core"]["gateway"] == pytest.approx(0.0004)
 
 def test_profile_samples_go_to_their_system_call_library_and_own_caller(tmp_path: Path) -> None:
     raw = tmp_path / "orders.txt"

@@ -49,7 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     status_consumer = Consumer(await broker.queue(ORDERS_STATUS), broker.channel, consumer.routes(batcher))
     # Orders writes no stock changes: its relay serves the one lane it has.
-    relays = start_relays(settings.orders_database_url, broker.exchange, ["orders"]) if settings.outbox_relay else None
+    relays = start_relays(settings.orders_database_url, broker.exchange, ["orders"], handing=broker.handing) if settings.outbox_relay else None
     await status_consumer.start()
     gauges = [metrics.on_scrape(refresh) for refresh in (
         outbox_gauges(pool), pending_gauge(pool), dead_letter_gauges(broker.connection, [ORDERS_STATUS]))]

@@ -140,7 +140,8 @@ class Broker:
     connection: AbstractRobustConnection
     channel: AbstractChannel
     publisher: AbstractRobustConnection
-    exchange: AbstractExchange
+    exchange: AbstractExchange  # the relays'
+    handing: AbstractExchange  # the outbox hand-over's, on a channel of its own (shared/handover.py)
 
     async def queue(self, name: str) -> AbstractQueue:
         # The queue object the topology declared on this channel: only those (and their
@@ -161,5 +162,7 @@ async def open_broker(amqp_url: str, *, delivery_limit: int, prefetch: int, name
     publisher = await connect(amqp_url, f"{name}-publish")
     publishing = await publisher.channel(publisher_confirms=True, on_return_raises=True)
     exchange = await publishing.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    return Broker(connection, channel, publisher, exchange)
+    handing = await publisher.channel(publisher_confirms=True, on_return_raises=True)
+    handing_exchange = await handing.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    return Broker(connection, channel, publisher, exchange, handing_exchange)
 

@@ -40,11 +40,15 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 RETRIES = 5  # tries of a row the broker refuses, before it is set aside
+# A nack is also what a quorum queue answers while it has no leader (a node died, an election):
+# a nacked row is set aside only once it is this old as well, never during a failover.
+NACK_PATIENCE_SECONDS = 120.0
 SWEEP_SECONDS = 5.0  # the slow look for rows nobody woke a relay for
 ORPHAN_SECONDS = 10.0  # a claimed row this old lost its writer (shared/handover.py)
 LANES = ("orders", "stock-changes")
 
-_COLUMNS = "id, event_id::text, event_type, correlation_id, request_id, traceparent, body::text AS body, attempts"
+_COLUMNS = ("id, event_id::text, event_type, correlation_id, request_id, traceparent, body::text AS body, attempts, "
+            "EXTRACT(EPOCH FROM now() - created_at)::float8 AS age")
 _UNCLAIMED = f"(NOT claimed OR created_at < now() - interval '{ORPHAN_SECONDS:g} seconds')"
 _LANE = {"orders": f"event_type = ANY($1::text[]) AND {_UNCLAIMED}",
          "stock-changes": f"event_type <> ALL($1::text[]) AND {_UNCLAIMED}"}
@@ -191,7 +195,7 @@ class OutboxRelay:
         alone = len(rows) == 1
         refused = [(row, v) for row, v in zip(rows, verdicts, strict=True) if v is not None and _refusal(v, alone)]
         outage = next((v for v in verdicts if v is not None and not _refusal(v, alone)), None)
-        set_aside = [row for row, v in refused if isinstance(v, FrameTooLarge) or row["attempts"] + 1 >= RETRIES]
+        set_aside = [row for row, v in refused if _given_up(row, v)]
         async with conn.transaction():
             await conn.execute(DELETE, [row["id"] for row, v in zip(rows, verdicts, strict=True) if v is None])
             for row, verdict in refused:
@@ -211,6 +215,20 @@ class OutboxRelay:
                     and not alone:
                 self._one_by_one = len(rows)  # the channel was closed by something in this batch
             raise outage  # the relay pauses, then tries again
+
+
+def _given_up(row: asyncpg.Record, verdict: BaseException) -> bool:
+    """Whether a refused row goes to `outbox_set_aside` now. Too large: at once (it never fits).
+    Unroutable (a return): after RETRIES tries. Nacked: after RETRIES tries and
+    NACK_PATIENCE_SECONDS, since the same nack that a policy gives for good, a quorum queue gives
+    for the seconds of a leader election."""
+    if isinstance(verdict, FrameTooLarge):
+        return True
+    if row["attempts"] + 1 < RETRIES:
+        return False
+    nacked = isinstance(verdict, aiormq.exceptions.DeliveryError) and not isinstance(
+        verdict, aiormq.exceptions.PublishError)
+    return not nacked or row["age"] >= NACK_PATIENCE_SECONDS
 
 
 def _cancelled() -> bool:
@@ -242,8 +260,12 @@ class Relays(NamedTuple):
     hand_over: HandOver
 
 
-def start_relays(dsn: str, exchange: AbstractExchange, lanes: Sequence[str] = LANES) -> Relays:
-    relays = Relays([OutboxRelay(dsn, exchange, lane) for lane in lanes], HandOver(dsn, exchange, wake_relays))
+def start_relays(dsn: str, exchange: AbstractExchange, lanes: Sequence[str] = LANES, *,
+                 handing: AbstractExchange | None = None) -> Relays:
+    """The relays of `lanes` publish on `exchange`, the hand-over on `handing` (a channel of its
+    own: publishes of two tasks never interleave on one channel's confirms)."""
+    relays = Relays([OutboxRelay(dsn, exchange, lane) for lane in lanes],
+                    HandOver(dsn, handing or exchange, wake_relays))
     for relay in relays.lanes:
         relay.start()
     relays.hand_over.start()

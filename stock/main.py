@@ -33,7 +33,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         name="stock-api")
     # Admin changes write EstoqueAlterado to the outbox; the API relays too, so they leave even
     # when no worker runs (one relay leads at a time, whichever process it is in).
-    relays = start_relays(settings.stock_database_url, broker.exchange) if settings.outbox_relay else None
+    relays = start_relays(settings.stock_database_url, broker.exchange, handing=broker.handing) if settings.outbox_relay else None
     app.state.feed = StockFeed(pool, settings.max_feed_streams)
     app.state.sse_ping = settings.sse_ping_seconds
     await app.state.feed.start(broker.channel)

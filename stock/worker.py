@@ -79,7 +79,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    relays = start_relays(settings.stock_database_url, broker.exchange) if settings.outbox_relay else None
+    relays = start_relays(settings.stock_database_url, broker.exchange, handing=broker.handing) if settings.outbox_relay else None
     probe = await serve_probe(settings, pool, broker)
     background = [asyncio.create_task(sweep_forever(pool, settings, stopping)),
                   asyncio.create_task(purge_forever(pool, PURGES, settings.retention_interval_seconds,

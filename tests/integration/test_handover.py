@@ -70,8 +70,8 @@ async def test_claimed_rows_are_published_once_by_their_writer_while_other_relay
     await drain(broker)
     # Two "processes": each with its lanes looking at the outbox every 20 ms, one with the writer.
     monkeypatch.setattr(outbox, "SWEEP_SECONDS", 0.02)
-    other = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"])
-    mine = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"])
+    other = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"], handing=broker.handing)
+    mine = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"], handing=broker.handing)
     intake = Intake(pool)
     try:
         created = await asyncio.gather(*(intake.create(order_body(n), None) for n in range(ORDERS)))
@@ -111,7 +111,7 @@ async def test_a_claimed_row_whose_writer_died_is_published_as_an_orphan_and_a_y
     conn = await asyncpg.connect(provisioned.orders_dsn)
     orphan = PedidoConfirmado(order_id=uuid.uuid4(), attempt=1)
     young = PedidoConfirmado(order_id=uuid.uuid4(), attempt=1)
-    relays = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"])
+    relays = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"], handing=broker.handing)
     try:
         # Written by a process that died before publishing: claimed, older than ORPHAN_SECONDS...
         await conn.fetchrow(INSERT_CLAIMED, orphan.event_id, orphan.event_type, str(orphan.order_id),
@@ -160,7 +160,7 @@ async def test_a_handed_row_the_broker_refuses_is_given_to_the_relays_and_set_as
     queue = await broker.channel.get_queue(STOCK_ORDERS)
     await queue.unbind(EXCHANGE, routing_key="PedidoConfirmado")  # mandatory: returned
     refused = PedidoConfirmado(order_id=uuid.uuid4(), attempt=1)
-    relays = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"])
+    relays = start_relays(provisioned.orders_dsn, broker.exchange, ["orders"], handing=broker.handing)
     try:
         row = await conn.fetchrow(INSERT_CLAIMED, refused.event_id, refused.event_type, str(refused.order_id),
                                   refused.model_dump_json(), 0)

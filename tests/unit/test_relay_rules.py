@@ -28,6 +28,20 @@ def test_what_the_broker_refuses_counts_against_the_message_and_an_outage_does_n
         assert not _refusal(outage, alone=True)
 
 
+def test_a_nacked_row_is_set_aside_only_once_old_enough_never_during_a_failover() -> None:
+    returned = aiormq.exceptions.PublishError.__new__(aiormq.exceptions.PublishError)
+    nacked = aiormq.exceptions.DeliveryError(None, commands.Basic.Nack())
+    young, old = outbox.NACK_PATIENCE_SECONDS - 1, outbox.NACK_PATIENCE_SECONDS
+    last_try = outbox.RETRIES - 1
+    assert outbox._given_up({"attempts": 0, "age": 0.0}, FrameTooLarge(200_000, 131_072))  # type: ignore[arg-type]
+    assert not outbox._given_up({"attempts": last_try - 1, "age": old}, returned)  # type: ignore[arg-type]
+    assert outbox._given_up({"attempts": last_try, "age": 0.0}, returned)  # type: ignore[arg-type]
+    # A quorum queue without a leader nacks for the seconds of an election: tries alone are not enough.
+    assert not outbox._given_up({"attempts": last_try + 50, "age": young}, nacked)  # type: ignore[arg-type]
+    assert outbox._given_up({"attempts": last_try, "age": old}, nacked)  # type: ignore[arg-type]
+    assert not outbox._given_up({"attempts": last_try - 1, "age": old * 10}, nacked)  # type: ignore[arg-type]
+
+
 def test_only_a_well_formed_traceparent_is_carried() -> None:
     good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     assert valid_traceparent(good) == good and valid_traceparent(good.encode()) == good

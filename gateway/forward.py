@@ -48,10 +48,15 @@ class Timeouts:
         self.seconds = seconds
         self.default = self._client(seconds)
 
-    def of(self, path: str, wait: float, streaming: bool) -> tuple[float, aiohttp.ClientTimeout]:
+    def seconds_of(self, path: str, wait: float) -> float:
+        """The upstream's whole time for a request (the lean client needs only this)."""
         seconds = self.seconds + wait
         if path == "/stock/import":
             seconds = max(seconds, BULK_TIMEOUT)  # a whole ERP file is one transaction
+        return seconds
+
+    def of(self, path: str, wait: float, streaming: bool) -> tuple[float, aiohttp.ClientTimeout]:
+        seconds = self.seconds_of(path, wait)
         if streaming:
             return seconds, aiohttp.ClientTimeout(total=None, connect=min(seconds, 3.0))
         if seconds == self.seconds:

@@ -12,6 +12,7 @@ instead of buffered: it checks the admin token before it reads a byte of the bod
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from urllib.parse import quote
 
 import aiohttp
@@ -138,10 +139,10 @@ class Proxy:
     async def _exchange(self, scope: Scope, upstream: Upstream, body: bytes, headers: CIMultiDict[str],
                         wait: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """A buffered exchange, on the lean client (gateway/wire.py)."""
-        seconds, _ = self.timeouts.of(scope["path"], wait, False)
         status, raw, content = await self.wire.exchange(
-            upstream, scope["method"], _target(scope, scope["query_string"]), body, list(headers.items()), seconds)
-        return status, [(name, value) for name, value in raw if name.lower() not in FROM_UPSTREAM_DROPPED], content
+            upstream, scope["method"], _target(scope, scope["query_string"]), body, list(headers.items()),
+            self.timeouts.seconds_of(scope["path"], wait))
+        return status, _kept(raw), content
 
     def _held(self, streaming: bool, wait: float) -> contextlib.AbstractContextManager[None]:
         """A slot of the long-poll or event-stream cap for the request's time, if it is one."""
@@ -182,8 +183,12 @@ class Proxy:
 
 
 def _reply_headers(upstream_response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, value in upstream_response.raw_headers
-            if name.lower() not in FROM_UPSTREAM_DROPPED]
+    return _kept(upstream_response.raw_headers)
+
+
+def _kept(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream answer's headers the client gets (both upstream clients)."""
+    return [(name, value) for name, value in raw if name.lower() not in FROM_UPSTREAM_DROPPED]
 
 
 def _long_poll_wait(query: bytes) -> float:

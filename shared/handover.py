@@ -21,7 +21,7 @@ that they stay claimed in the table and are taken as orphans."""
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -55,7 +55,7 @@ def outgoing(row: Mapping[str, Any]) -> Outgoing:
 
 
 class HandOver:
-    def __init__(self, dsn: str, exchange: AbstractExchange, on_unsent: Any) -> None:
+    def __init__(self, dsn: str, exchange: AbstractExchange, on_unsent: Callable[[], None]) -> None:
         self.dsn = dsn
         self.exchange = exchange
         self.on_unsent = on_unsent  # wakes the relays, which take unclaimed rows at once

@@ -295,9 +295,8 @@ def hand_over(rows: Sequence[Mapping[str, Any]]) -> None:
     """Called by a hot writer after its commit with the claimed rows it wrote (RETURNING
     shared.handover.WRITTEN_COLUMNS): this process publishes them now. With no relay running
     (OUTBOX_RELAY=false) they stay in the table, like every other row."""
-    if rows:
-        for handing in _HANDING_OVER[:1]:
-            handing.give(rows)
+    if rows and _HANDING_OVER:
+        _HANDING_OVER[0].give(rows)
 
 
 

@@ -17,6 +17,7 @@ from orders.service import Intake
 from shared import outbox
 from shared.broker import Broker, open_broker
 from shared.events import PedidoConfirmado
+from shared.handover import WRITTEN_COLUMNS
 from shared.messaging import EXCHANGE, STOCK_ORDERS
 from shared.outbox import RETRIES, hand_over, start_relays, stop_relays
 from tests.helpers import eventually
@@ -95,10 +96,10 @@ async def _empty(conn: asyncpg.Connection) -> None:
     assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
 
 
-INSERT_CLAIMED = """
+INSERT_CLAIMED = f"""
 INSERT INTO outbox (event_id, event_type, correlation_id, request_id, body, claimed, created_at)
 VALUES ($1, $2, $3, NULL, $4::jsonb, true, now() - make_interval(secs => $5))
-RETURNING id, event_id::text AS event_id, event_type, correlation_id, request_id, traceparent, body::text AS body
+RETURNING {WRITTEN_COLUMNS}
 """
 
 
